@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Production uvicorn flags: fast loop and parser, no server access log (the app logs), no
+# Server/Date headers of uvicorn's own (the backend's pass through), no X-Forwarded-For
+# rewriting by uvicorn (lbapp resolves the client itself, see LB_TRUSTED_PROXIES).
+UVICORN_FLAGS := --loop uvloop --http httptools --no-access-log --no-server-header --no-date-header \
+	--no-proxy-headers --timeout-graceful-shutdown 30
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check lbapp tests
+	$(BIN)/ruff format --check lbapp tests
+	$(BIN)/mypy --strict lbapp
+
+test: lint
+	$(BIN)/pytest
+
+# Three echo backends on 127.0.0.1:3001-3003 and lbapp on 127.0.0.1:8080; Ctrl-C stops all four.
+demo: $(STAMP)
+	@pids=""; trap 'kill $$pids 2>/dev/null; wait' EXIT INT TERM; \
+	for i in 1 2 3; do $(BIN)/python -m lbapp.echo --port 300$$i --name backend-$$i & pids="$$pids $$!"; done; \
+	$(BIN)/uvicorn lbapp:app --host 127.0.0.1 --port 8080 $(UVICORN_FLAGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,322 @@
+"""The catch-all route: pick a backend, stream the request to it, stream its answer back.
+
+Raw ASGI rather than `StreamingResponse`: it costs one task per request (the disconnect
+watcher) instead of a task group, and lets a broken upstream body abort the client connection
+instead of ending it cleanly. Retries follow one rule: a request is sent again only if nothing
+of it reached a backend, or it is idempotent and has no body (see `Attempt.retryable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .balancers import Balancer, RequestInfo
+from .headers import (
+    NO_BODY_STATUS,
+    TrustedProxies,
+    add_forwarding_headers,
+    filter_response_headers,
+    parse_request_headers,
+)
+from .metrics import Stats
+from .pool import Backend, Pool
+from .settings import Settings
+
+logger = logging.getLogger("lbapp.proxy")
+access_logger = logging.getLogger("lbapp.access")
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CONNECT_PHASE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+EMPTY_BODY = httpx.ByteStream(b"")
+
+
+class ClientDisconnected(Exception):
+    """The client went away while we were still reading its body."""
+
+
+def json_error(status: int, message: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = b'{"error": "%s"}' % message.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    return (
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    )
+
+
+ERRORS = {
+    502: json_error(502, "bad gateway"),
+    503: json_error(503, "all backends are down"),
+    504: json_error(504, "gateway timeout"),
+}
+
+
+class ClientBody(httpx.AsyncByteStream):
+    """The client's request body, read from ASGI `receive` as the upstream asks for it."""
+
+    __slots__ = ("exchange", "receive", "started")
+
+    def __init__(self, receive: Receive, exchange: Exchange) -> None:
+        self.receive = receive
+        self.exchange = exchange
+        self.started = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.started:
+            raise httpx.StreamConsumed()
+        self.started = True
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.exchange.client_gone = True
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.exchange.watch_disconnect(self.receive)
+                return
+
+
+class Exchange:
+    """Per-request bookkeeping: is the client still there, and is the response finished."""
+
+    __slots__ = ("client_gone", "done", "task", "watcher")
+
+    def __init__(self) -> None:
+        self.client_gone = False
+        self.done = False
+        self.task = asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+
+    def watch_disconnect(self, receive: Receive) -> None:
+        """Once the body is read, `receive` only returns on disconnect: cancel the request then."""
+        if self.watcher is None and not self.done:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        message = await receive()
+        while message["type"] == "http.request":  # the (empty) body of a request without one
+            message = await receive()
+        if message["type"] == "http.disconnect" and not self.done and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
+
+    def finish(self) -> None:
+        self.done = True
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
+
+
+class Proxy:
+    """The ASGI endpoint behind the catch-all route."""
+
+    def __init__(self, settings: Settings, pool: Pool, balancer: Balancer, stats: Stats) -> None:
+        self.pool = pool
+        self.balancer = balancer
+        self.stats = stats
+        self.client: httpx.AsyncClient | None = None
+        self.max_retries = settings.max_retries
+        self.retry_delay = settings.retry_delay
+        self.preserve_host = settings.preserve_host
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.access_log = settings.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        stats = self.stats
+        stats.requests += 1
+        exchange = Exchange()
+        status = 0
+        backend: Backend | None = None
+        attempts = 0
+        try:
+            status, backend, attempts = await self._handle(scope, receive, send, exchange, started)
+        except asyncio.CancelledError:
+            if not exchange.client_gone:
+                raise
+            if exchange.task is not None:
+                exchange.task.uncancel()
+            status = 499  # nginx's "client closed request", for the log and the counters only
+        finally:
+            exchange.finish()
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                self._log(scope, status, backend, attempts, started)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, started: float
+    ) -> tuple[int, Backend | None, int]:
+        method: str = scope["method"]
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        trust = bool(self.trusted) and self.trusted.contains(peer)
+        head = parse_request_headers(scope["headers"], trust)
+        client_ip = self.trusted.client_ip(peer, head.forwarded_for) if trust else peer
+        add_forwarding_headers(head, peer, client_ip, scope.get("scheme", "http"), trust)
+        if head.chunked:
+            head.headers.append((b"transfer-encoding", b"chunked"))
+        raw_target: bytes = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            raw_target += b"?" + scope["query_string"]
+
+        body = ClientBody(receive, exchange) if head.has_body else None
+        if body is None:
+            exchange.watch_disconnect(receive)
+        request_info = RequestInfo(scope, client_ip)
+        safe_after_send = method in IDEMPOTENT and body is None
+        tried: set[Backend] = set()
+        attempts = 0
+        last_error = 503
+        backend: Backend | None = None
+
+        while True:
+            backend = self._choose(request_info, tried)
+            if backend is None:
+                return await self._fail(send, last_error, started), None, attempts
+            attempts += 1
+            if attempts > 1:
+                self.stats.retries += 1
+            response = await self._attempt(backend, method, raw_target, head.headers, body, head.host)
+            if isinstance(response, httpx.Response):
+                break
+            error = response
+            tried.add(backend)
+            self._record_failure(backend, error, method)
+            if isinstance(error, ClientDisconnected):
+                return 499, backend, attempts
+            last_error = (
+                504
+                if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.PoolTimeout)
+                else 502
+            )
+            retryable = not (body is not None and body.started) and (
+                isinstance(error, CONNECT_PHASE)
+                or getattr(error, "request_sent", True) is False
+                or (safe_after_send and not isinstance(error, httpx.TimeoutException))
+            )
+            if not retryable or attempts > self.max_retries:
+                return await self._fail(send, last_error, started), backend, attempts
+            if self.retry_delay:
+                await asyncio.sleep(self.retry_delay)
+
+        return await self._relay(response, backend, method, send, exchange, started), backend, attempts
+
+    def _choose(self, request: RequestInfo, tried: set[Backend]) -> Backend | None:
+        eligible = self.pool.eligible
+        if not eligible:
+            return None
+        if tried:
+            # Each retry goes to a backend not tried yet, when one exists.
+            untried = [b for b in eligible if b not in tried]
+            if untried:
+                eligible = untried
+        return self.balancer.pick(eligible, request)
+
+    async def _attempt(
+        self,
+        backend: Backend,
+        method: str,
+        raw_target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: ClientBody | None,
+        host: bytes,
+    ) -> httpx.Response | Exception:
+        if not self.preserve_host or not host:
+            headers = [(n, v) for n, v in headers if n != b"host"]
+            headers.append((b"host", backend.host_header))
+        request = httpx.Request(
+            method,
+            backend.origin,
+            headers=headers,
+            stream=body if body is not None else EMPTY_BODY,
+            extensions={"target": backend.base_path + raw_target},
+        )
+        backend.total_requests += 1
+        backend.in_flight += 1
+        assert self.client is not None, "the lifespan has not started"
+        try:
+            return await self.client.send(request, stream=True)
+        except (httpx.HTTPError, ClientDisconnected) as exc:
+            backend.in_flight -= 1
+            return exc
+        except BaseException:
+            backend.in_flight -= 1
+            raise
+
+    async def _relay(
+        self,
+        response: httpx.Response,
+        backend: Backend,
+        method: str,
+        send: Send,
+        exchange: Exchange,
+        started: float,
+    ) -> int:
+        status = response.status_code
+        stats = self.stats
+        sent = 0
+        try:
+            headers = filter_response_headers(response.headers.raw, status)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            stats.observe_response(backend, time.perf_counter() - started)
+            if method != "HEAD" and status not in NO_BODY_STATUS:
+                try:
+                    async for chunk in response.aiter_raw():
+                        sent += len(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except httpx.HTTPError as exc:
+                    # Ending the response normally would make a truncated body look complete:
+                    # return without finishing it, and uvicorn closes the client connection.
+                    backend.total_failures += 1
+                    logger.warning(
+                        "backend %s broke off the response after %d bytes (%s); aborting the client",
+                        backend.url,
+                        sent,
+                        type(exc).__name__,
+                    )
+                    exchange.done = True
+                    return status
+            exchange.done = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return status
+        finally:
+            backend.in_flight -= 1
+            await response.aclose()
+
+    async def _fail(self, send: Send, status: int, started: float) -> int:
+        start, body = ERRORS[status]
+        self.stats.failed += 1
+        self.stats.latency_sum += time.perf_counter() - started
+        await send(start)
+        await send(body)
+        return status
+
+    def _record_failure(self, backend: Backend, error: Exception, method: str) -> None:
+        if isinstance(error, ClientDisconnected):
+            return
+        backend.total_failures += 1
+        logger.warning("%s to backend %s failed: %s: %s", method, backend.url, type(error).__name__, error)
+
+    def _log(self, scope: Scope, status: int, backend: Backend | None, attempts: int, started: float) -> None:
+        client = scope.get("client")
+        access_logger.info(
+            '%s "%s %s" %d backend=%s attempts=%d %.1fms',
+            client[0] if client else "-",
+            scope["method"],
+            scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+            status,
+            backend.url if backend else "-",
+            attempts,
+            (time.perf_counter() - started) * 1000,
+        )

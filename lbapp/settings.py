@@ -1,0 +1,244 @@
+"""Settings: defaults < JSON config file (`LB_CONFIG`) < `settings.env` < environment.
+
+Every setting is an `LB_*` variable. A bad value stops start-up with one line that names the
+variable and the reason (`SettingsError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources import InitSettingsSource
+
+ENV_PREFIX = "LB_"
+ENV_FILE = "settings.env"
+DEFAULT_BACKENDS = "http://127.0.0.1:3001,http://127.0.0.1:3002,http://127.0.0.1:3003"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_FALSE_WORDS = {"", "0", "false", "no", "off"}
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one line meant for the operator."""
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string with a unit: `2`, `0.5`, `250ms`, `2s`, `1m`."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("expected a positive number of seconds, e.g. 2, 0.5, 250ms, 1m")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    return value
+
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class BackendSpec(BaseModel):
+    """One backend as configured: a base URL and a weight (0 = never picked)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip()
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid URL ({exc})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r}: scheme must be http or https")
+        if not parts.hostname:
+            raise ValueError(f"{value!r}: no host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{value!r}: a backend URL takes no query, fragment or credentials")
+        del port
+        return value.rstrip("/")
+
+
+def _split_backends(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON ({exc.msg} at position {exc.pos})") from None
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The load balancer's configuration; field `x` is the variable `LB_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    backends: Annotated[list[BackendSpec], NoDecode] = Field(
+        default=DEFAULT_BACKENDS,  # type: ignore[arg-type]  # parsed by the validator below
+        min_length=1,
+    )
+    config: Path | None = None
+    algorithm: str = "round_robin"
+    debug: bool = False
+
+    health_path: str = "/health"
+    health_interval: Seconds = 10.0
+    health_timeout: Seconds = 3.0
+    healthy_threshold: int = Field(default=2, ge=1)
+    unhealthy_threshold: int = Field(default=2, ge=1)
+
+    max_retries: int = Field(default=2, ge=0, le=100)
+    retry_delay: Annotated[float, Field(ge=0)] = 0.05
+    connect_timeout: Seconds = 2.0
+    upstream_timeout: Seconds = 10.0
+    upstream_idle_timeout: Seconds = 4.0
+    upstream_max_connections: int = Field(default=0, ge=0)
+
+    preserve_host: bool = True
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    transport: Literal["httpcore", "lean"] = "httpcore"
+    access_log: bool = True
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, value: Any) -> Any:
+        value = _split_backends(value)
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator(
+        "health_interval",
+        "health_timeout",
+        "retry_delay",
+        "connect_timeout",
+        "upstream_timeout",
+        "upstream_idle_timeout",
+        mode="before",
+    )
+    @classmethod
+    def _parse_duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @field_validator("debug", mode="before")
+    @classmethod
+    def _parse_debug(cls, value: Any) -> Any:
+        # The original turned debug on for any non-empty value; "0"/"false"/"no"/"off" stay off.
+        if isinstance(value, str):
+            return value.strip().lower() not in _FALSE_WORDS
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            for item in value:
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP network (CIDR) or address") from None
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = _config_file_source(settings_cls, env_settings, dotenv_settings)
+        return (init_settings, env_settings, dotenv_settings, config)
+
+
+def _config_file_source(
+    settings_cls: type[BaseSettings],
+    env_settings: PydanticBaseSettingsSource,
+    dotenv_settings: PydanticBaseSettingsSource,
+) -> PydanticBaseSettingsSource:
+    """The JSON file named by LB_CONFIG (environment first, then settings.env)."""
+    path = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if path is None:
+        path = dotenv_settings().get("config")
+    data: dict[str, Any] = {}
+    if path:
+        data = read_config_file(Path(path))
+    return InitSettingsSource(settings_cls, init_kwargs=data)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"LB_CONFIG: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"LB_CONFIG: {str(path)!r} is not valid JSON: {exc.msg} (line {exc.lineno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"LB_CONFIG: {str(path)!r} must hold a JSON object")
+    known = set(Settings.model_fields)
+    data = {key.lower().removeprefix("lb_"): value for key, value in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"LB_CONFIG: {str(path)!r} has unknown setting {unknown[0]!r}")
+    return data
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    name = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "settings"
+    for part in loc[1:]:
+        name += f"[{part}]" if part.isdigit() else f".{part}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) < 80:
+        message += f" (got {value!r})"
+    return f"invalid setting {name}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning any validation error into one `SettingsError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc.errors()[0])) from None
+    except (ValueError, json.JSONDecodeError) as exc:  # a source that failed to decode a value
+        raise SettingsError(f"invalid setting: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,253 @@
+"""Shared fixtures: real uvicorn servers on 127.0.0.1 ephemeral ports.
+
+Echo backends run as subprocesses (so a test can SIGKILL one); the load balancer runs either in
+a thread of the test process (so a test can look at its state) or as a subprocess (to measure its
+memory). Every wait is a poll with a deadline; every process is stopped by the PID we started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from lbapp import Settings, create_app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def listening_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+class EchoBackend:
+    """`python -m lbapp.echo` in a subprocess, on a port of its own that survives restarts."""
+
+    def __init__(self, name: str, *args: str) -> None:
+        self.name = name
+        self.args = args
+        self.sock = listening_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str, wait: bool = True) -> EchoBackend:
+        if self.sock.fileno() == -1:
+            self.sock = listening_socket(self.port)
+        fd = self.sock.fileno()
+        cmd = [sys.executable, "-m", "lbapp.echo", "--fd", str(fd), "--name", self.name, *self.args, *extra]
+        self.proc = subprocess.Popen(cmd, pass_fds=[fd], cwd=ROOT, stdout=subprocess.PIPE)
+        if wait:
+            # The socket already listens (connections wait in its backlog): the process only has
+            # to come up. Its first line says it has; a poll with a deadline covers a crash.
+            assert self.proc.stdout is not None
+            line = wait_until(lambda: self._first_line(), timeout=15)
+            assert b"listening" in line, line
+        return self
+
+    def _first_line(self) -> bytes | None:
+        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"echo backend {self.name} exited with {self.proc.returncode}")
+        ready, _, _ = select.select([self.proc.stdout], [], [], 0.05)
+        return self.proc.stdout.readline() if ready else None
+
+    def kill(self) -> None:
+        """SIGKILL, and close our copy of the listening socket so connects are refused."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.sock.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.sock.close()
+
+
+class ThreadedServer:
+    """A uvicorn server running an app in a thread of the test process, with its own loop."""
+
+    def __init__(self, app: Any, **config: Any) -> None:
+        self.app = app
+        self.sock = listening_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        options: dict[str, Any] = {
+            "log_level": "warning",
+            "access_log": False,
+            "server_header": False,
+            "date_header": False,
+            "proxy_headers": False,
+            "timeout_graceful_shutdown": 5,
+        }
+        options.update(config)
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=15)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+def make_settings(backends: list[str] | list[dict[str, Any]], **overrides: Any) -> Settings:
+    """Settings for tests: explicit backends, a slow health loop unless a test wants one."""
+    values: dict[str, Any] = {
+        "backends": backends,
+        "health_interval": 60,
+        "retry_delay": 0,
+        "access_log": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.contextmanager
+def run_lb(backends: list[str] | list[dict[str, Any]], **overrides: Any) -> Iterator[ThreadedServer]:
+    app = create_app(make_settings(backends, **overrides))
+    with ThreadedServer(app) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No LB_* variable or settings.env of the developer's leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith("LB_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def echo_backends() -> Iterator[list[EchoBackend]]:
+    """Three echo backends shared by a module's tests (tests must not kill these)."""
+    backends = [EchoBackend(f"backend-{i}") for i in (1, 2, 3)]
+    try:
+        for backend in backends:
+            backend.start()
+        yield backends
+    finally:
+        for backend in backends:
+            backend.stop()
+
+
+@pytest.fixture
+def echo_factory() -> Iterator[Callable[..., EchoBackend]]:
+    """Start private echo backends (which a test may kill or restart); all stopped afterwards."""
+    started: list[EchoBackend] = []
+
+    def start(name: str, *args: str) -> EchoBackend:
+        backend = EchoBackend(name, *args).start()
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def lb(echo_backends: list[EchoBackend]) -> Iterator[ThreadedServer]:
+    """A load balancer in front of the three shared echo backends."""
+    with run_lb([b.url for b in echo_backends]) as server:
+        yield server
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send exact bytes and read until the server closes: for what an HTTP client would hide."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class LBProcess:
+    """`uvicorn lbapp:app` in a subprocess, configured through LB_* variables like a user would."""
+
+    def __init__(self, env: dict[str, str], *uvicorn_args: str) -> None:
+        self.sock = listening_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        fd = self.sock.fileno()
+        cmd = [sys.executable, "-m", "uvicorn", "lbapp:app", "--fd", str(fd), "--no-access-log"]
+        cmd += ["--no-proxy-headers", "--no-server-header", "--no-date-header", "--log-level", "warning"]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LB_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen([*cmd, *uvicorn_args], pass_fds=[fd], cwd=ROOT, env=full_env)
+        wait_until(lambda: self._up(), timeout=20)
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lbapp exited with {self.proc.returncode}")
+        return _answers(self.url + "/lb-health")
+
+    def rss(self) -> int:
+        """Resident memory of the load balancer process, in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.sock.close()

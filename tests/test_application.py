@@ -1,0 +1,48 @@
+"""The app as a whole: lifespan, own endpoints, and errors that never escape as tracebacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from lbapp import create_app
+
+from .conftest import EchoBackend, ThreadedServer, make_settings
+
+
+class ExplodingBalancer:
+    def pick(self, backends: Any, request: Any) -> Any:
+        raise RuntimeError("bug in a policy")
+
+
+def test_a_crash_in_a_handler_is_a_500_and_the_process_lives_on(echo_backends: list[EchoBackend]) -> None:
+    app = create_app(make_settings([echo_backends[0].url]))
+    proxy = app.state.proxy
+    good = proxy.balancer
+    with ThreadedServer(app) as server:
+        proxy.balancer = ExplodingBalancer()
+        response = httpx.get(server.url + "/x")
+        assert response.status_code == 500
+        assert "Traceback" not in response.text and "bug in a policy" not in response.text
+        proxy.balancer = good
+        assert httpx.get(server.url + "/x").status_code == 200
+
+
+def test_lifespan_creates_and_closes_the_shared_client(echo_backends: list[EchoBackend]) -> None:
+    app = create_app(make_settings([echo_backends[0].url]))
+    proxy = app.state.proxy
+    with ThreadedServer(app) as server:
+        client = proxy.client
+        assert client is not None and not client.is_closed
+        assert httpx.get(server.url + "/").status_code == 200
+    assert client.is_closed
+    assert app.state.health.client.is_closed
+
+
+def test_metrics_is_a_plain_route_without_redirect(echo_backends: list[EchoBackend]) -> None:
+    app = create_app(make_settings([echo_backends[0].url]))
+    with ThreadedServer(app) as server:
+        response = httpx.get(server.url + "/metrics", follow_redirects=False)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")

@@ -1,0 +1,144 @@
+"""Settings: defaults, the LB_* contract, the config file, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbapp.settings import DEFAULT_BACKENDS, SettingsError, load_settings
+
+from .conftest import ROOT
+
+
+def test_defaults_serve_the_demo_stack() -> None:
+    settings = load_settings()
+    assert [b.url for b in settings.backends] == DEFAULT_BACKENDS.split(",")
+    assert settings.algorithm == "round_robin"
+    assert (settings.health_path, settings.health_interval, settings.health_timeout) == ("/health", 10, 3)
+    assert (settings.healthy_threshold, settings.unhealthy_threshold) == (2, 2)
+    assert (settings.max_retries, settings.retry_delay) == (2, 0.05)
+    assert (settings.connect_timeout, settings.upstream_timeout) == (2, 10)
+
+
+def test_backends_as_a_comma_list_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_BACKENDS", "http://10.0.0.1:80, https://b.example/")
+    assert [(b.url, b.weight) for b in load_settings().backends] == [
+        ("http://10.0.0.1:80", 1),
+        ("https://b.example", 1),
+    ]
+    monkeypatch.setenv("LB_BACKENDS", '[{"url": "http://a:1", "weight": 3}, "http://b:2"]')
+    assert [(b.url, b.weight) for b in load_settings().backends] == [("http://a:1", 3), ("http://b:2", 1)]
+
+
+def test_durations_accept_numbers_and_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_HEALTH_INTERVAL", "250ms")
+    monkeypatch.setenv("LB_UPSTREAM_TIMEOUT", "1m")
+    monkeypatch.setenv("LB_RETRY_DELAY", "0")
+    settings = load_settings()
+    assert (settings.health_interval, settings.upstream_timeout, settings.retry_delay) == (0.25, 60, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LB_BACKENDS", "ftp://x:1", "LB_BACKENDS[0].url"),
+        ("LB_BACKENDS", "", "LB_BACKENDS"),
+        ("LB_BACKENDS", "[{", "LB_BACKENDS"),
+        ("LB_BACKENDS", '[{"url": "http://a", "weight": -1}]', "LB_BACKENDS[0].weight"),
+        ("LB_HEALTH_INTERVAL", "-1", "LB_HEALTH_INTERVAL"),
+        ("LB_HEALTH_TIMEOUT", "0", "LB_HEALTH_TIMEOUT"),
+        ("LB_MAX_RETRIES", "lots", "LB_MAX_RETRIES"),
+        ("LB_HEALTHY_THRESHOLD", "0", "LB_HEALTHY_THRESHOLD"),
+        ("LB_TRUSTED_PROXIES", "10.0.0.0/8,nope", "LB_TRUSTED_PROXIES"),
+        ("LB_HEALTH_PATH", "health", "LB_HEALTH_PATH"),
+    ],
+)
+def test_bad_values_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    message = str(error.value)
+    assert f"invalid setting {expected}:" in message
+    assert "\n" not in message
+
+
+def test_debug_takes_any_non_empty_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in (("1", True), ("yes", True), ("verbose", True), ("", False), ("0", False)):
+        monkeypatch.setenv("LB_DEBUG", value)
+        assert load_settings().debug is expected
+
+
+def test_config_file_with_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "lb.json"
+    config.write_text(
+        json.dumps({"backends": ["http://a:1", "http://b:2"], "max_retries": 5, "algorithm": "x"})
+    )
+    monkeypatch.setenv("LB_CONFIG", str(config))
+    monkeypatch.setenv("LB_ALGORITHM", "round_robin")
+    settings = load_settings()
+    assert [b.url for b in settings.backends] == ["http://a:1", "http://b:2"]
+    assert settings.max_retries == 5
+    assert settings.algorithm == "round_robin"
+
+
+def test_config_file_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cases = {"missing.json": None, "bad.json": "{", "list.json": "[]", "typo.json": '{"max_retrys": 1}'}
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        monkeypatch.setenv("LB_CONFIG", str(path))
+        with pytest.raises(SettingsError, match=r"^LB_CONFIG: ") as error:
+            load_settings()
+        assert "\n" not in str(error.value)
+
+
+def test_settings_env_file_in_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "settings.env").write_text("LB_BACKENDS=http://from-file:1\nLB_MAX_RETRIES=4\n")
+    settings = load_settings()
+    assert [b.url for b in settings.backends] == ["http://from-file:1"]
+    assert settings.max_retries == 4
+
+
+def test_uvicorn_start_up_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "LB_HEALTH_INTERVAL": "soon", "PYTHONPATH": ROOT}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "lbapp:app", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lbapp:")]
+    assert errors == [
+        "lbapp: invalid setting LB_HEALTH_INTERVAL: expected a positive number of seconds, e.g. 2, 0.5, "
+        "250ms, 1m (got 'soon')"
+    ]
+
+
+def test_unknown_algorithm_stops_start_up() -> None:
+    from lbapp import create_app
+
+    from .conftest import make_settings
+
+    with pytest.raises(SettingsError, match="LB_ALGORITHM: unknown algorithm 'fastest'"):
+        create_app(make_settings(["http://a:1"], algorithm="fastest"))
+
+
+def test_settings_env_example_lists_every_setting_with_its_default(tmp_path: Path) -> None:
+    from lbapp.settings import Settings
+
+    example = (Path(ROOT) / "settings.env.example").read_text()
+    names = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line}
+    assert {f"LB_{field.upper()}" for field in Settings.model_fields} <= names
+    (tmp_path / "settings.env").write_text(example)
+    assert load_settings() == load_settings(_env_file=None)
