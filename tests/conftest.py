@@ -185,9 +185,9 @@ def echo_factory() -> Iterator[Callable[..., EchoBackend]]:
     started: list[EchoBackend] = []
 
     def start(name: str, *args: str) -> EchoBackend:
-        backend = EchoBackend(name, *args).start()
-        started.append(backend)
-        return backend
+        backend = EchoBackend(name, *args)
+        started.append(backend)  # before start(): a failed start is still cleaned up
+        return backend.start()
 
     yield start
     for backend in started:
