@@ -35,3 +35,7 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+
+# wrk benchmark of lbapp (1 and 2 workers) against the backend alone; see bench/README.md.
+bench: $(STAMP)
+	PYTHON=$(BIN)/python LB_EXTRA_ARGS=--no-proxy-headers bench/run.sh
