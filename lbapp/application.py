@@ -11,9 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,38 +27,6 @@ from .proxy import Proxy
 from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("lbapp")
-
-
-def no_cookies() -> CookieJar:
-    """A jar that stores nothing: a shared client must never replay one client's cookies to another."""
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
-def create_client(settings: Settings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(
-        connect=settings.connect_timeout,
-        read=settings.upstream_timeout,
-        write=settings.upstream_timeout,
-        pool=settings.upstream_timeout,
-    )
-    max_connections = settings.upstream_max_connections or None
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections or 256,
-            keepalive_expiry=settings.upstream_idle_timeout,
-        ),
-        trust_env=False,
-    )
-    client = httpx.AsyncClient(
-        transport=transport,
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,
-        cookies=no_cookies(),
-    )
-    client.headers.clear()  # httpx's default Accept/User-Agent/... must not be invented
-    return client
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -79,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        proxy.client = create_client(settings)
+        proxy.upstream.start()
         task = asyncio.create_task(health.run(), name="lbapp-health")
         logger.info(
             "lbapp balancing %d backends (%s): %s",
@@ -93,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await proxy.client.aclose()
+            await proxy.upstream.aclose()
 
     async def metrics(request: Request) -> Response:
         return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
@@ -105,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return Response(b'{"status": "ok"}', media_type="application/json")
 
     async def ready(request: Request) -> Response:
-        ok = proxy.client is not None and bool(pool.eligible)
+        ok = proxy.upstream.client is not None and bool(pool.eligible)
         body = json.dumps({"ready": ok, "healthy_backends": len(pool.eligible)})
         return Response(body, status_code=200 if ok else 503, media_type="application/json")
 

@@ -109,24 +109,29 @@ def add_forwarding_headers(
         headers.append((b"x-forwarded-host", head.host))
 
 
-def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers:
-    """Drop hop-by-hop headers (and those named in `Connection`) from the backend's answer."""
+def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> tuple[Headers, int]:
+    """Drop hop-by-hop headers (and those named in `Connection`) from the backend's answer.
+
+    Names must be lower case. Returns the headers to send and the Content-Length (-1 if none).
+    """
     out: Headers = []
     extra_drop: set[bytes] | None = None
     no_body = status in NO_BODY_STATUS
+    length = -1
     for name, value in raw:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
+        if name in HOP_BY_HOP:
+            if name == b"connection":
                 extra_drop = (extra_drop or set()) | connection_tokens(value)
             continue
-        if no_body and lower == b"content-length":
-            continue
-        out.append((lower, value))
+        if name == b"content-length":
+            if no_body:
+                continue
+            length = int(value) if value.isdigit() else -1
+        out.append((name, value))
     if extra_drop:
         extra_drop.discard(b"content-length")
         out = [(n, v) for n, v in out if n not in extra_drop]
-    return out
+    return out, length
 
 
 class TrustedProxies:

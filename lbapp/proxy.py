@@ -27,6 +27,7 @@ from .headers import (
 from .metrics import Stats
 from .pool import Backend, Pool
 from .settings import Settings
+from .upstream import Upstream, lower_headers
 
 logger = logging.getLogger("lbapp.proxy")
 access_logger = logging.getLogger("lbapp.access")
@@ -89,20 +90,33 @@ class ClientBody(httpx.AsyncByteStream):
                 return
 
 
+# Most exchanges end within this; only longer ones pay for a disconnect-watching task.
+WATCH_AFTER = 0.1
+
+
 class Exchange:
     """Per-request bookkeeping: is the client still there, and is the response finished."""
 
-    __slots__ = ("client_gone", "done", "task", "watcher")
+    __slots__ = ("client_gone", "done", "task", "timer", "watcher")
 
     def __init__(self) -> None:
         self.client_gone = False
         self.done = False
         self.task = asyncio.current_task()
+        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
     def watch_disconnect(self, receive: Receive) -> None:
-        """Once the body is read, `receive` only returns on disconnect: cancel the request then."""
-        if self.watcher is None and not self.done:
+        """Once the body is read, `receive` only returns on disconnect: cancel the request then.
+
+        The watcher starts only if the exchange is still running after `WATCH_AFTER`: a timer
+        handle costs far less than a task, and a client gone from a short exchange costs nothing.
+        """
+        if self.timer is None and not self.done:
+            self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watcher, receive)
+
+    def _start_watcher(self, receive: Receive) -> None:
+        if not self.done:
             self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
@@ -115,6 +129,8 @@ class Exchange:
 
     def finish(self) -> None:
         self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
         if self.watcher is not None and not self.watcher.done():
             self.watcher.cancel()
 
@@ -126,7 +142,7 @@ class Proxy:
         self.pool = pool
         self.balancer = balancer
         self.stats = stats
-        self.client: httpx.AsyncClient | None = None
+        self.upstream = Upstream(settings)
         self.max_retries = settings.max_retries
         self.retry_delay = settings.retry_delay
         self.preserve_host = settings.preserve_host
@@ -235,18 +251,17 @@ class Proxy:
         if not self.preserve_host or not host:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.append((b"host", backend.host_header))
-        request = httpx.Request(
+        request = self.upstream.request(
             method,
             backend.origin,
-            headers=headers,
-            stream=body if body is not None else EMPTY_BODY,
-            extensions={"target": backend.base_path + raw_target},
+            headers,
+            body if body is not None else EMPTY_BODY,
+            backend.base_path + raw_target,
         )
         backend.total_requests += 1
         backend.in_flight += 1
-        assert self.client is not None, "the lifespan has not started"
         try:
-            return await self.client.send(request, stream=True)
+            return await self.upstream.send(request)
         except (httpx.HTTPError, ClientDisconnected) as exc:
             backend.in_flight -= 1
             return exc
@@ -267,13 +282,21 @@ class Proxy:
         stats = self.stats
         sent = 0
         try:
-            headers = filter_response_headers(response.headers.raw, status)
+            headers, expected = filter_response_headers(lower_headers(response), status)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             stats.observe_response(backend, time.perf_counter() - started)
             if method != "HEAD" and status not in NO_BODY_STATUS:
+                # With a Content-Length the last chunk is known when it arrives: send it as the
+                # final message, saving uvicorn a write per response.
                 try:
-                    async for chunk in response.aiter_raw():
+                    stream = response.stream
+                    assert isinstance(stream, httpx.AsyncByteStream)
+                    async for chunk in stream:
                         sent += len(chunk)
+                        if sent == expected:
+                            exchange.done = True
+                            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                            return status
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except httpx.HTTPError as exc:
                     # Ending the response normally would make a truncated body look complete:

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
 
     preserve_host: bool = True
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    transport: Literal["httpcore", "lean"] = "httpcore"
+    transport: Literal["lean", "httpcore"] = "lean"
     access_log: bool = True
 
     @field_validator("backends", mode="before")

@@ -33,7 +33,7 @@ def test_lifespan_creates_and_closes_the_shared_client(echo_backends: list[EchoB
     app = create_app(make_settings([echo_backends[0].url]))
     proxy = app.state.proxy
     with ThreadedServer(app) as server:
-        client = proxy.client
+        client = proxy.upstream.client
         assert client is not None and not client.is_closed
         assert httpx.get(server.url + "/").status_code == 200
     assert client.is_closed

@@ -20,7 +20,7 @@ A, B = "http://backend-a.test", "http://backend-b.test"
 @contextlib.asynccontextmanager
 async def lb_client(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app driven in-process, so respx can stand in for backends that misbehave on demand."""
-    app = create_app(make_settings([A, B], **overrides))
+    app = create_app(make_settings([A, B], transport="httpcore", **overrides))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://lb.test") as client:

@@ -1,0 +1,113 @@
+"""The upstream side: one shared `httpx.AsyncClient` per process, and the cheapest way through it.
+
+Profiled (README, Performance), httpx's client layer (auth and redirect machinery, cookie
+extraction, event hooks, response wrapping) costs about as much per request as the whole
+lean transport, and a proxy needs none of it. So the client is built, owned and closed as usual,
+but the proxy hands each request straight to the client's transport: the same `httpx.Request`
+and `httpx.Response` objects and exceptions, without the layers between.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import httpx
+
+from .settings import Settings
+from .transport import LeanTransport
+
+
+def no_cookies() -> CookieJar:
+    """A jar that stores nothing: a shared client must never replay one client's cookies to another."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+def fast_headers(raw: list[tuple[bytes, bytes]]) -> httpx.Headers:
+    """An `httpx.Headers` from header names that are already lower-case bytes (ASGI guarantees it).
+
+    `httpx.Headers(list)` re-encodes and lower-cases every name and value; with trusted input
+    that is pure overhead on the hot path. httpx 0.28 is pinned and its last release.
+    """
+    headers = httpx.Headers()
+    headers._list = [(name, name, value) for name, value in raw]
+    return headers
+
+
+def lower_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The response's headers as (lower-case name, value), order and duplicates kept."""
+    return [(lower, value) for _, lower, value in response.headers._list]
+
+
+class Upstream:
+    """Owns the shared client and its transport (`LB_TRANSPORT`), from lifespan start to stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.timeout = httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.upstream_timeout,
+            write=settings.upstream_timeout,
+            pool=settings.upstream_timeout,
+        )
+        self.timeouts = self.timeout.as_dict()
+        self.client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncBaseTransport | None = None
+
+    def start(self) -> httpx.AsyncClient:
+        settings = self.settings
+        max_connections = settings.upstream_max_connections or None
+        transport: httpx.AsyncBaseTransport
+        if settings.transport == "lean":
+            transport = LeanTransport(
+                max_connections=max_connections,
+                max_keepalive=max_connections or 512,
+                keepalive_expiry=settings.upstream_idle_timeout,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.upstream_timeout,
+                write_timeout=settings.upstream_timeout,
+                pool_timeout=settings.upstream_timeout,
+            )
+        else:
+            transport = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=max_connections,
+                    max_keepalive_connections=max_connections or 256,
+                    keepalive_expiry=settings.upstream_idle_timeout,
+                ),
+                trust_env=False,
+            )
+        client = httpx.AsyncClient(
+            transport=transport,
+            timeout=self.timeout,
+            follow_redirects=False,
+            trust_env=False,
+            cookies=no_cookies(),
+        )
+        client.headers.clear()  # httpx's default Accept/User-Agent/... must never be invented
+        self.client, self.transport = client, transport
+        return client
+
+    def request(
+        self,
+        method: str,
+        origin: httpx.URL,
+        headers: list[tuple[bytes, bytes]],
+        stream: httpx.AsyncByteStream,
+        target: bytes,
+    ) -> httpx.Request:
+        """The upstream request; `target` is sent verbatim as the request-line target."""
+        return httpx.Request(
+            method,
+            origin,
+            headers=fast_headers(headers),
+            stream=stream,
+            extensions={"target": target, "timeout": self.timeouts},
+        )
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        assert self.transport is not None, "the lifespan has not started"
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
