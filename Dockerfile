@@ -1,0 +1,32 @@
+# lbapp: the load balancer image; the echo backends of docker-compose.yml run from it too.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+# Dependencies come from the project's own metadata (pyproject.toml); README.md is its `readme`.
+COPY pyproject.toml README.md ./
+COPY lbapp ./lbapp
+RUN pip install . \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin lbapp
+
+USER lbapp
+EXPOSE 8080
+
+# Liveness, not readiness: with every backend down lbapp still works as designed (it answers 503
+# and serves /metrics), so a Docker health status that flipped to "unhealthy" there would only
+# get a sound process restarted and its metrics lost. /lb-ready (200 only while a backend is
+# eligible) is for whatever routes traffic to lbapp. The slim image has no curl: Python checks.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/lb-health', timeout=2)"]
+
+# uvicorn is PID 1 (exec form) and gets SIGTERM itself; --timeout-graceful-shutdown gives
+# in-flight requests 30 s (docker-compose.yml's stop_grace_period is longer, so no SIGKILL first).
+STOPSIGNAL SIGTERM
+# The production flags of the Makefile's UVICORN_FLAGS.
+CMD ["uvicorn", "lbapp:app", "--host", "0.0.0.0", "--port", "8080", \
+     "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-server-header", \
+     "--no-date-header", "--no-proxy-headers", "--timeout-graceful-shutdown", "30"]
