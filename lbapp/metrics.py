@@ -327,6 +327,7 @@ class MultiprocessStore:
     """
 
     REGISTRY_FILE = "lbapp-workers.json"  # not *.db: MultiProcessCollector reads only those
+    STATUS_FILE = "lbapp-status-wanted"
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -384,6 +385,18 @@ class MultiprocessStore:
             )
         if slot.get() != value:
             slot.set(value)
+
+    def want_status(self) -> None:
+        """Someone watches the status page: every worker keeps history from now on (see `tick`)."""
+        with open(os.path.join(self.path, self.STATUS_FILE), "a"):
+            pass
+        os.utime(os.path.join(self.path, self.STATUS_FILE))
+
+    def status_wanted_at(self) -> float:
+        try:
+            return os.stat(os.path.join(self.path, self.STATUS_FILE)).st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def read(self) -> Iterable[Metric]:
         metrics: Iterable[Metric] = self.collector.collect()  # type: ignore[no-untyped-call]
@@ -578,7 +591,6 @@ class Metrics:
         self.pool = pool
         self.store = MultiprocessStore(multiproc_dir) if multiproc_dir else None
         self.history = History()
-        self.status_wanted_until = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(self))
         self.registry.register(BuildInfoCollector())
@@ -619,13 +631,15 @@ class Metrics:
             self.history.add(now, snapshot(self.samples(), self.pool))
             return
         self.flush()
-        if now < self.status_wanted_until:  # reading every worker's files costs: only when watched
+        # Reading every worker's files costs a little: keep history only while someone watches.
+        if time.time() - self.store.status_wanted_at() < 2 * WINDOW:
             self.history.add(now, snapshot(Samples(self.store.read()), self.pool))
 
     def status(self) -> dict[str, Any]:
         """The status page's data: every backend's state, weight, load and last-minute numbers."""
         now = time.monotonic()
-        self.status_wanted_until = now + 2 * WINDOW
+        if self.store is not None and time.time() - self.store.status_wanted_at() > 1:
+            self.store.want_status()
         samples = self.samples()
         current = snapshot(samples, self.pool)
         if not self.history.points:
