@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -21,12 +22,43 @@ from starlette.routing import Route
 from .balancers import create_balancer
 from .health import HealthChecker
 from .logs import configure_logging
-from .metrics import Stats, create_registry, lb_metrics, render
+from .metrics import Metrics, Stats, multiproc_dir
 from .pool import Pool
 from .proxy import Proxy
 from .settings import Settings, SettingsError, load_settings
+from .status import STATUS_PAGE
 
 logger = logging.getLogger("lbapp")
+
+
+def forbidden() -> Response:
+    return Response(b'{"error": "forbidden"}', status_code=403, media_type="application/json")
+
+
+NO_STORE = {"cache-control": "no-store"}
+
+
+class AdminGuard:
+    """`LB_ADMIN_ALLOW`: the networks allowed to read the admin endpoints (empty: everyone).
+
+    Matched against the TCP peer, never against `X-Forwarded-For`, which anyone can send.
+    """
+
+    def __init__(self, networks: list[str]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def allows(self, request: Request) -> bool:
+        if not self.networks:
+            return True
+        if request.client is None:
+            return False
+        try:
+            address = ipaddress.ip_address(request.client.host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -41,12 +73,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
     stats = Stats()
     proxy = Proxy(settings, pool, balancer, stats)
     health = HealthChecker(pool, settings)
-    registry = create_registry(stats, pool)
+    metrics = Metrics(stats, pool, multiproc_dir())
+    guard = AdminGuard(settings.admin_allow)
+
+    async def tick() -> None:
+        """Flush to the multiprocess files and keep the status page's history, off the hot path."""
+        while True:
+            await asyncio.sleep(settings.metrics_flush_interval)
+            try:
+                metrics.tick()
+            except Exception:
+                logger.exception("metrics tick failed; next in %.1fs", settings.metrics_flush_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         proxy.upstream.start()
         task = asyncio.create_task(health.run(), name="lbapp-health")
+        metrics.tick()  # the status page's first point; this worker's multiprocess files exist
+        ticker = asyncio.create_task(tick(), name="lbapp-metrics")
         logger.info(
             "lbapp balancing %d backends (%s): %s",
             len(pool.backends),
@@ -56,16 +100,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for running in (task, ticker):
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
             await proxy.upstream.aclose()
+            metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
-    async def metrics(request: Request) -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(request: Request) -> Response:
+        if not guard.allows(request):
+            return forbidden()
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def metrics_json(request: Request) -> Response:
-        return Response(json.dumps(lb_metrics(stats, pool)), media_type="application/json")
+        if not guard.allows(request):
+            return forbidden()
+        return Response(json.dumps(metrics.lb_metrics()), media_type="application/json")
+
+    async def status(request: Request) -> Response:
+        if not guard.allows(request):
+            return forbidden()
+        if request.query_params.get("format") == "json":
+            return Response(json.dumps(metrics.status()), media_type="application/json", headers=NO_STORE)
+        return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=NO_STORE)
 
     async def live(request: Request) -> Response:
         return Response(b'{"status": "ok"}', media_type="application/json")
@@ -75,9 +132,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body = json.dumps({"ready": ok, "healthy_backends": len(pool.eligible)})
         return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
+    admin = (
+        (settings.metrics_path, prometheus),
+        (settings.json_metrics_path, metrics_json),
+        (settings.status_path, status),
+    )
     routes = [
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/lb-metrics", metrics_json, methods=["GET"]),
+        *(Route(path, endpoint, methods=["GET"]) for path, endpoint in admin if path),
         Route("/lb-health", live, methods=["GET"]),
         Route("/lb-ready", ready, methods=["GET"]),
         Route("/{path:path}", proxy),
@@ -86,6 +147,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.pool = pool
     app.state.stats = stats
+    app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
     return app

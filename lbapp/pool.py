@@ -26,8 +26,11 @@ class Backend:
 
     __slots__ = (
         "base_path",
+        "checks_failed",
+        "checks_passed",
         "consecutive_failures",
         "consecutive_successes",
+        "ejections",
         "host_header",
         "in_flight",
         "index",
@@ -58,6 +61,9 @@ class Backend:
         self.consecutive_successes = 0
         self.consecutive_failures = 0
         self.last_checked: datetime | None = None
+        self.checks_passed = 0
+        self.checks_failed = 0
+        self.ejections = 0  # passive outlier detection (none yet); exported as lb_outlier_ejections
 
     def __repr__(self) -> str:
         return f"<Backend {self.url} {self.state}>"
@@ -87,11 +93,13 @@ class Pool:
         """Apply one active health-check result with rise/fall thresholds (no flapping)."""
         backend.last_checked = datetime.now(UTC)
         if ok:
+            backend.checks_passed += 1
             backend.consecutive_failures = 0
             backend.consecutive_successes += 1
             if backend.state != HEALTHY and backend.consecutive_successes >= self.healthy_threshold:
                 self._set_state(backend, HEALTHY, f"{backend.consecutive_successes} checks passed")
         else:
+            backend.checks_failed += 1
             backend.consecutive_successes = 0
             backend.consecutive_failures += 1
             if backend.state == HEALTHY and backend.consecutive_failures >= self.unhealthy_threshold:

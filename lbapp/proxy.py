@@ -25,12 +25,13 @@ from .headers import (
     parse_request_headers,
 )
 from .metrics import Stats
+from .observe import Tap, access_log
 from .pool import Backend, Pool
 from .settings import Settings
 from .upstream import Upstream, lower_headers
 
 logger = logging.getLogger("lbapp.proxy")
-access_logger = logging.getLogger("lbapp.access")
+access_logger = logging.getLogger("lbapp.access")  # written by observe.access_log
 
 Scope = dict[str, Any]
 Receive = Any
@@ -152,13 +153,14 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         stats = self.stats
-        stats.requests += 1
+        stats.begin()
+        tap = Tap(scope, receive, send)  # request id, byte counts, time to headers
         exchange = Exchange()
         status = 0
         backend: Backend | None = None
         attempts = 0
         try:
-            status, backend, attempts = await self._handle(scope, receive, send, exchange, started)
+            status, backend, attempts = await self._handle(scope, tap.receive, tap.send, exchange, started)
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -167,8 +169,9 @@ class Proxy:
             status = 499  # nginx's "client closed request", for the log and the counters only
         finally:
             exchange.finish()
+            stats.end(backend, scope["method"], status, tap, started)
             if self.access_log and access_logger.isEnabledFor(logging.INFO):
-                self._log(scope, status, backend, attempts, started)
+                access_log(scope, tap, status, backend, attempts, started)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, started: float
@@ -195,6 +198,7 @@ class Proxy:
         attempts = 0
         last_error = 503
         backend: Backend | None = None
+        error: Exception | None = None
 
         while True:
             backend = self._choose(request_info, tried)
@@ -202,7 +206,7 @@ class Proxy:
                 return await self._fail(send, last_error, started), None, attempts
             attempts += 1
             if attempts > 1:
-                self.stats.retries += 1
+                self.stats.retry(error)
             response = await self._attempt(backend, method, raw_target, head.headers, body, head.host)
             if isinstance(response, httpx.Response):
                 break
@@ -284,7 +288,7 @@ class Proxy:
         try:
             headers, expected = filter_response_headers(lower_headers(response), status)
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            stats.observe_response(backend, time.perf_counter() - started)
+            stats.observe_response(backend)
             if method != "HEAD" and status not in NO_BODY_STATUS:
                 # With a Content-Length the last chunk is known when it arrives: send it as the
                 # final message, saving uvicorn a write per response.
@@ -301,7 +305,7 @@ class Proxy:
                 except httpx.HTTPError as exc:
                     # Ending the response normally would make a truncated body look complete:
                     # return without finishing it, and uvicorn closes the client connection.
-                    backend.total_failures += 1
+                    stats.upstream_error(backend, exc)
                     logger.warning(
                         "backend %s broke off the response after %d bytes (%s); aborting the client",
                         backend.url,
@@ -319,8 +323,7 @@ class Proxy:
 
     async def _fail(self, send: Send, status: int, started: float) -> int:
         start, body = ERRORS[status]
-        self.stats.failed += 1
-        self.stats.latency_sum += time.perf_counter() - started
+        self.stats.observe_error(status)
         await send(start)
         await send(body)
         return status
@@ -328,18 +331,5 @@ class Proxy:
     def _record_failure(self, backend: Backend, error: Exception, method: str) -> None:
         if isinstance(error, ClientDisconnected):
             return
-        backend.total_failures += 1
+        self.stats.upstream_error(backend, error)
         logger.warning("%s to backend %s failed: %s: %s", method, backend.url, type(error).__name__, error)
-
-    def _log(self, scope: Scope, status: int, backend: Backend | None, attempts: int, started: float) -> None:
-        client = scope.get("client")
-        access_logger.info(
-            '%s "%s %s" %d backend=%s attempts=%d %.1fms',
-            client[0] if client else "-",
-            scope["method"],
-            scope.get("raw_path", b"").decode("latin-1") or scope["path"],
-            status,
-            backend.url if backend else "-",
-            attempts,
-            (time.perf_counter() - started) * 1000,
-        )

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,6 +29,8 @@ DEFAULT_BACKENDS = "http://127.0.0.1:3001,http://127.0.0.1:3002,http://127.0.0.1
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _FALSE_WORDS = {"", "0", "false", "no", "off"}
+# Paths of lbapp's own endpoints that are not configurable (probes).
+FIXED_PATHS = ("/lb-health", "/lb-ready")
 
 
 class SettingsError(Exception):
@@ -125,6 +127,13 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     transport: Literal["lean", "httpcore"] = "lean"
     access_log: bool = True
+    log_format: Literal["text", "json"] = "text"
+
+    metrics_path: str = "/metrics"
+    json_metrics_path: str = "/lb-metrics"
+    status_path: str = "/lb-status"
+    admin_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    metrics_flush_interval: Seconds = 1.0
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -141,6 +150,7 @@ class Settings(BaseSettings):
         "connect_timeout",
         "upstream_timeout",
         "upstream_idle_timeout",
+        "metrics_flush_interval",
         mode="before",
     )
     @classmethod
@@ -162,7 +172,22 @@ class Settings(BaseSettings):
             raise ValueError("must start with '/'")
         return value
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("metrics_path", "json_metrics_path", "status_path")
+    @classmethod
+    def _check_admin_path(cls, value: str, info: ValidationInfo) -> str:
+        # An empty path turns the endpoint off (the path is then proxied like any other).
+        if value == "":
+            return value
+        if not value.startswith("/") or any(c in value for c in "{}?#% \t"):
+            raise ValueError("must be empty or a plain path starting with '/' (no {}, ?, #, %, spaces)")
+        if value in FIXED_PATHS:
+            raise ValueError(f"{value!r} is already lbapp's own probe endpoint")
+        for other in ("metrics_path", "json_metrics_path"):
+            if other != info.field_name and info.data.get(other) == value:
+                raise ValueError(f"{value!r} is already LB_{other.upper()}")
+        return value
+
+    @field_validator("trusted_proxies", "admin_allow", mode="before")
     @classmethod
     def _parse_networks(cls, value: Any) -> Any:
         if isinstance(value, str):

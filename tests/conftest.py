@@ -217,7 +217,7 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
 class LBProcess:
     """`uvicorn lbapp:app` in a subprocess, configured through LB_* variables like a user would."""
 
-    def __init__(self, env: dict[str, str], *uvicorn_args: str) -> None:
+    def __init__(self, env: dict[str, str], *uvicorn_args: str, stderr: Any = None) -> None:
         self.sock = listening_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -226,7 +226,9 @@ class LBProcess:
         cmd += ["--no-proxy-headers", "--no-server-header", "--no-date-header", "--log-level", "warning"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LB_")}
         full_env.update(env)
-        self.proc = subprocess.Popen([*cmd, *uvicorn_args], pass_fds=[fd], cwd=ROOT, env=full_env)
+        self.proc = subprocess.Popen(
+            [*cmd, *uvicorn_args], pass_fds=[fd], cwd=ROOT, env=full_env, stderr=stderr
+        )
         wait_until(lambda: self._up(), timeout=20)
 
     def _up(self) -> bool:

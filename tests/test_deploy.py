@@ -48,23 +48,6 @@ DOCKERFILE = ROOT_DIR / "Dockerfile"
 ECHO_SERVICES = ("echo1", "echo2", "echo3")
 # Series Prometheus makes itself for every target: not lbapp's to export.
 PROMETHEUS_SERIES = frozenset({"up"})
-# Metrics of the dashboard that lbapp exports once issue 6 (the full Prometheus metric set) is
-# merged; the tests about them are expected to fail until then. Empty this set after the merge.
-ISSUE6_METRICS = frozenset(
-    {
-        "lb_requests_total",
-        "lb_request_duration_seconds_bucket",
-        "lb_requests_in_flight",
-        "lb_backend_state",
-        "lb_upstream_errors_total",
-        "lb_health_checks_total",
-        "lb_outlier_ejections_total",
-        "lb_rate_limited_total",
-        "lb_config_reloads_total",
-        "lb_build_info",
-    }
-)
-NEEDS_ISSUE6 = pytest.mark.xfail(strict=False, reason="needs issue 6 metrics")
 # Grafana's interval variables, as the dashboard's expressions are sent to Prometheus here.
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__interval": "5s"}
 
@@ -156,10 +139,6 @@ def for_prometheus(expr: str) -> str:
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
     return expr
-
-
-def issue6_marks(names: set[str]) -> tuple[pytest.MarkDecorator, ...]:
-    return (NEEDS_ISSUE6,) if names & ISSUE6_METRICS else ()
 
 
 def exported_names(exposition: str) -> set[str]:
@@ -448,11 +427,7 @@ def query(stack: Stack, expr: str) -> dict[str, Any]:
 
 def per_backend_rates(stack: Stack) -> dict[str, float]:
     """Non-zero request rates per backend label, as Prometheus sees them after some traffic."""
-    # lb_requests_total is issue 6's; today's lbapp counts upstream requests per backend in
-    # lb_backend_requests_total. Drop the fallback once issue 6 is merged.
-    exported = exported_names(stack.exposition)
-    counter = "lb_requests_total" if "lb_requests_total" in exported else "lb_backend_requests_total"
-    expr = f"sum by (backend) (rate({counter}[30s])) > 0"
+    expr = "sum by (backend) (rate(lb_requests_total[30s])) > 0"
 
     def check() -> tuple[bool, Any]:
         stack.traffic()  # keep the counters moving between scrapes
@@ -460,11 +435,11 @@ def per_backend_rates(stack: Stack) -> dict[str, float]:
         rates = {
             r["metric"].get("backend", ""): float(r["value"][1]) for r in query(stack, expr)["data"]["result"]
         }
-        seen = {"up": [r["value"][1] for r in up], counter: rates}
+        seen = {"up": [r["value"][1] for r in up], "rates": rates}
         return [r["value"][1] for r in up] == ["1"] and len(rates) >= len(stack.backends), seen
 
     if stack.rates is None:
-        stack.rates = poll(check, 60, "up == 1 and traffic on every backend")[counter]
+        stack.rates = poll(check, 60, "up == 1 and traffic on every backend")["rates"]
     return stack.rates
 
 
@@ -482,10 +457,7 @@ def test_every_dashboard_query_parses(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     ("title", "expr"),
-    [
-        pytest.param(title, expr, id=f"{title}:{expr[:50]}", marks=issue6_marks(metric_names(expr)))
-        for title, expr in dashboard_queries()
-    ],
+    [pytest.param(title, expr, id=f"{title}:{expr[:50]}") for title, expr in dashboard_queries()],
 )
 def test_dashboard_query_parses_and_returns_data(stack: Stack, title: str, expr: str) -> None:
     per_backend_rates(stack)  # the stack has scraped traffic (quick once it has)
@@ -530,9 +502,7 @@ def test_dashboard_json_is_valid() -> None:
 DASHBOARD_METRICS = sorted(set().union(*(metric_names(expr) for _, expr in dashboard_queries())))
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=issue6_marks({name})) for name in DASHBOARD_METRICS]
-)
+@pytest.mark.parametrize("name", sorted(DASHBOARD_METRICS))
 def test_dashboard_metric_is_exported_by_lbapp(lbapp_stack: Stack, name: str) -> None:
     """lbapp's real /metrics (after traffic and a health round) has every metric the dashboard reads."""
     exported = exported_names(lbapp_stack.exposition) | PROMETHEUS_SERIES

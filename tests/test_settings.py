@@ -55,6 +55,13 @@ def test_durations_accept_numbers_and_units(monkeypatch: pytest.MonkeyPatch) -> 
         ("LB_HEALTHY_THRESHOLD", "0", "LB_HEALTHY_THRESHOLD"),
         ("LB_TRUSTED_PROXIES", "10.0.0.0/8,nope", "LB_TRUSTED_PROXIES"),
         ("LB_HEALTH_PATH", "health", "LB_HEALTH_PATH"),
+        ("LB_LOG_FORMAT", "xml", "LB_LOG_FORMAT"),
+        ("LB_METRICS_PATH", "metrics", "LB_METRICS_PATH"),
+        ("LB_STATUS_PATH", "/lb-health", "LB_STATUS_PATH"),
+        ("LB_STATUS_PATH", "/metrics", "LB_STATUS_PATH"),
+        ("LB_JSON_METRICS_PATH", "/x/{id}", "LB_JSON_METRICS_PATH"),
+        ("LB_ADMIN_ALLOW", "127.0.0.1,everyone", "LB_ADMIN_ALLOW"),
+        ("LB_METRICS_FLUSH_INTERVAL", "0", "LB_METRICS_FLUSH_INTERVAL"),
     ],
 )
 def test_bad_values_name_the_setting(

@@ -1,0 +1,77 @@
+"""What the proxy reports about one exchange: bytes, time to headers, the request id, the log line.
+
+`Tap` wraps the ASGI `receive`/`send` of one request: it counts body bytes both ways, notes when
+the response headers went out, and adds `X-Request-ID` to the response. The proxy only creates it
+and hands it to `Stats.end` and `access_log` when the request is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .pool import Backend
+from .requestid import HEADER, ensure_request_id
+
+access_logger = logging.getLogger("lbapp.access")
+
+
+class Tap:
+    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "request_id", "status")
+
+    def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.request_id = ensure_request_id(scope)
+        self._receive = receive
+        self._send = send
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.headers_at = 0.0  # perf_counter() when the response headers were sent, 0 before
+        self.status = 0
+
+    async def receive(self) -> Any:
+        message = await self._receive()
+        body = message.get("body")
+        if body:
+            self.bytes_in += len(body)
+        return message
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != HEADER]
+            headers.append((HEADER, self.request_id))
+            message = {**message, "headers": headers}
+            await self._send(message)
+            self.headers_at = time.perf_counter()
+            self.status = message["status"]
+            return
+        body = message.get("body")
+        await self._send(message)
+        if body:
+            self.bytes_out += len(body)
+
+
+def access_log(
+    scope: dict[str, Any], tap: Tap, status: int, backend: Backend | None, attempts: int, started: float
+) -> None:
+    """One line per proxied request; formatted (text or JSON) by the log writer thread, not here."""
+    now = time.perf_counter()
+    client = scope.get("client")
+    access_logger.info(
+        "access",
+        extra={
+            "access": {
+                "request_id": tap.request_id.decode("latin-1"),
+                "client": client[0] if client else None,
+                "method": scope["method"],
+                "path": scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+                "status": status,
+                "backend": backend.url if backend is not None else None,
+                "attempts": attempts,
+                "upstream_ms": round((tap.headers_at - started) * 1000, 3) if tap.headers_at else None,
+                "total_ms": round((now - started) * 1000, 3),
+                "bytes_in": tap.bytes_in,
+                "bytes_out": tap.bytes_out,
+            }
+        },
+    )
