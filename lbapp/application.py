@@ -26,6 +26,7 @@ from .logs import configure_logging
 from .metrics import Stats, create_registry, lb_metrics, render
 from .pool import Pool
 from .proxy import Proxy
+from .routing import build_router
 from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("lbapp")
@@ -68,31 +69,44 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     configure_logging(settings)
     try:
-        balancer = create_balancer(settings.algorithm)
+        balancer = create_balancer(settings.algorithm, settings)
     except ValueError as exc:
         raise SettingsError(f"invalid setting LB_ALGORITHM: {exc}") from None
+    router = build_router(settings)
     pool = Pool(settings.backends, settings.healthy_threshold, settings.unhealthy_threshold)
     stats = Stats()
-    proxy = Proxy(settings, pool, balancer, stats)
+    proxy = Proxy(settings, pool, balancer, stats, router)
     health = HealthChecker(pool, settings)
+    # Each route's pool is checked by a loop of its own, like the default pool.
+    route_health = [HealthChecker(r.upstream.pool, settings) for r in router.routes] if router else []
     registry = create_registry(stats, pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         proxy.client = create_client(settings)
-        task = asyncio.create_task(health.run(), name="lbapp-health")
+        tasks = [asyncio.create_task(health.run(), name="lbapp-health")]
+        tasks += [asyncio.create_task(h.run(), name="lbapp-health-route") for h in route_health]
         logger.info(
             "lbapp balancing %d backends (%s): %s",
             len(pool.backends),
             settings.algorithm,
             ", ".join(b.url for b in pool.backends),
         )
+        for route in router.routes if router else ():
+            logger.info(
+                "route %s: %d backends (%s)",
+                route.prefix.decode(),
+                len(route.upstream.pool.backends),
+                type(route.upstream.balancer).__name__,
+            )
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await proxy.client.aclose()
 
     async def metrics(request: Request) -> Response:
@@ -122,4 +136,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.stats = stats
     app.state.proxy = proxy
     app.state.health = health
+    app.state.router = router
     return app
