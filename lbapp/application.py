@@ -25,6 +25,7 @@ from .logs import configure_logging
 from .metrics import Metrics, Stats, multiproc_dir
 from .pool import Pool
 from .proxy import Proxy
+from .routing import build_router
 from .settings import Settings, SettingsError, load_settings
 from .status import STATUS_PAGE
 
@@ -66,15 +67,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     configure_logging(settings)
     try:
-        balancer = create_balancer(settings.algorithm)
+        balancer = create_balancer(settings.algorithm, settings)
     except ValueError as exc:
         raise SettingsError(f"invalid setting LB_ALGORITHM: {exc}") from None
+    router = build_router(settings)
     pool = Pool(settings.backends, settings.healthy_threshold, settings.unhealthy_threshold)
     stats = Stats()
-    proxy = Proxy(settings, pool, balancer, stats)
+    proxy = Proxy(settings, pool, balancer, stats, router)
     health = HealthChecker(pool, settings)
     metrics = Metrics(stats, pool, multiproc_dir())
     guard = AdminGuard(settings.admin_allow)
+    # Each route's pool is checked by a loop of its own, like the default pool.
+    route_health = [HealthChecker(r.cluster.pool, settings) for r in router.routes] if router else []
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -88,20 +92,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         proxy.upstream.start()
-        task = asyncio.create_task(health.run(), name="lbapp-health")
+        tasks = [asyncio.create_task(health.run(), name="lbapp-health")]
+        tasks += [asyncio.create_task(h.run(), name="lbapp-health-route") for h in route_health]
         metrics.tick()  # the status page's first point; this worker's multiprocess files exist
-        ticker = asyncio.create_task(tick(), name="lbapp-metrics")
+        tasks.append(asyncio.create_task(tick(), name="lbapp-metrics"))
         logger.info(
             "lbapp balancing %d backends (%s): %s",
             len(pool.backends),
             settings.algorithm,
             ", ".join(b.url for b in pool.backends),
         )
+        for route in router.routes if router else ():
+            logger.info(
+                "route %s: %d backends (%s)",
+                route.prefix.decode(),
+                len(route.cluster.pool.backends),
+                type(route.cluster.balancer).__name__,
+            )
         try:
             yield
         finally:
-            for running in (task, ticker):
+            for running in tasks:
                 running.cancel()
+            for running in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
             await proxy.upstream.aclose()
@@ -150,4 +163,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
+    app.state.router = router
     return app

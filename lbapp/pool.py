@@ -74,7 +74,11 @@ class Backend:
 
 
 class Pool:
-    """All configured backends, and the list of those eligible for new requests."""
+    """All configured backends, and the list of those eligible for new requests.
+
+    `eligible`: healthy backends with a weight above 0, in configured order (what policies see).
+    `available`: healthy backends including weight-0 standbys (what `first` sees).
+    """
 
     def __init__(
         self, specs: Iterable[BackendSpec], healthy_threshold: int = 2, unhealthy_threshold: int = 2
@@ -83,11 +87,13 @@ class Pool:
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
         self.eligible: Sequence[Backend] = ()
+        self.available: Sequence[Backend] = ()
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute the eligible list; called on state changes, never per request."""
-        self.eligible = tuple(b for b in self.backends if b.state == HEALTHY and b.weight > 0)
+        """Recompute the eligible lists; called on state changes, never per request."""
+        self.available = tuple(b for b in self.backends if b.state == HEALTHY)
+        self.eligible = tuple(b for b in self.available if b.weight > 0)
 
     def record_check(self, backend: Backend, ok: bool, reason: str = "") -> None:
         """Apply one active health-check result with rise/fall thresholds (no flapping)."""

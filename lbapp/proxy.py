@@ -27,6 +27,7 @@ from .headers import (
 from .metrics import Stats
 from .observe import Tap, access_log
 from .pool import Backend, Pool
+from .routing import Cluster, Router
 from .settings import Settings
 from .upstream import Upstream, lower_headers
 
@@ -136,12 +137,31 @@ class Exchange:
             self.watcher.cancel()
 
 
+def with_response_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, adding `extra` to the response head (a policy's hook, e.g. sticky's Set-Cookie)."""
+
+    async def send_with_headers(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], *extra]
+        await send(message)
+
+    return send_with_headers
+
+
 class Proxy:
     """The ASGI endpoint behind the catch-all route."""
 
-    def __init__(self, settings: Settings, pool: Pool, balancer: Balancer, stats: Stats) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        balancer: Balancer,
+        stats: Stats,
+        router: Router | None = None,
+    ) -> None:
         self.pool = pool
-        self.balancer = balancer
+        self.cluster = Cluster(pool, balancer)  # the default pool and its policy
+        self.router = router  # LB_ROUTES, None without a routes table
         self.stats = stats
         self.upstream = Upstream(settings)
         self.max_retries = settings.max_retries
@@ -149,6 +169,14 @@ class Proxy:
         self.preserve_host = settings.preserve_host
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.access_log = settings.access_log
+
+    @property
+    def balancer(self) -> Balancer:
+        return self.cluster.balancer
+
+    @balancer.setter
+    def balancer(self, balancer: Balancer) -> None:
+        self.cluster = Cluster(self.pool, balancer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -186,13 +214,16 @@ class Proxy:
         if head.chunked:
             head.headers.append((b"transfer-encoding", b"chunked"))
         raw_target: bytes = scope.get("raw_path") or scope["path"].encode()
+        cluster = self.cluster
+        if self.router is not None:  # path-based routing: a pool of its own, maybe a shorter path
+            cluster, raw_target = self.router.route(raw_target, cluster)
         if scope.get("query_string"):
             raw_target += b"?" + scope["query_string"]
 
         body = ClientBody(receive, exchange) if head.has_body else None
         if body is None:
             exchange.watch_disconnect(receive)
-        request_info = RequestInfo(scope, client_ip)
+        request_info = RequestInfo(scope, client_ip, trust)
         safe_after_send = method in IDEMPOTENT and body is None
         tried: set[Backend] = set()
         attempts = 0
@@ -201,13 +232,18 @@ class Proxy:
         error: Exception | None = None
 
         while True:
-            backend = self._choose(request_info, tried)
+            backend = self._choose(cluster, request_info, tried)
             if backend is None:
                 return await self._fail(send, last_error, started), None, attempts
             attempts += 1
             if attempts > 1:
                 self.stats.retry(error)
+            sent_at = time.perf_counter() if cluster.observe is not None else 0.0
             response = await self._attempt(backend, method, raw_target, head.headers, body, head.host)
+            if cluster.observe is not None and not isinstance(response, ClientDisconnected):
+                # Policies that learn from response times (least_time): time to the response head.
+                ok = isinstance(response, httpx.Response)
+                cluster.observe(backend, time.perf_counter() - sent_at, ok)
             if isinstance(response, httpx.Response):
                 break
             error = response
@@ -230,10 +266,14 @@ class Proxy:
             if self.retry_delay:
                 await asyncio.sleep(self.retry_delay)
 
+        if cluster.response_headers is not None:  # e.g. sticky's Set-Cookie
+            extra = cluster.response_headers(backend, request_info)
+            if extra:
+                send = with_response_headers(send, extra)
         return await self._relay(response, backend, method, send, exchange, started), backend, attempts
 
-    def _choose(self, request: RequestInfo, tried: set[Backend]) -> Backend | None:
-        eligible = self.pool.eligible
+    def _choose(self, cluster: Cluster, request: RequestInfo, tried: set[Backend]) -> Backend | None:
+        eligible = cluster.candidates()
         if not eligible:
             return None
         if tried:
@@ -241,7 +281,7 @@ class Proxy:
             untried = [b for b in eligible if b not in tried]
             if untried:
                 eligible = untried
-        return self.balancer.pick(eligible, request)
+        return cluster.balancer.pick(eligible, request)
 
     async def _attempt(
         self,

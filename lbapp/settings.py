@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -31,6 +39,10 @@ _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _FALSE_WORDS = {"", "0", "false", "no", "off"}
 # Paths of lbapp's own endpoints that are not configurable (probes).
 FIXED_PATHS = ("/lb-health", "/lb-ready")
+# RFC 9110 token: header names and (RFC 6265) cookie names.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A route prefix is matched against the raw (percent-encoded) path the client sent.
+_PREFIX = re.compile(r"^/[!$&'()*+,\-./0-9:;=@A-Z_a-z~%]*$")
 
 
 class SettingsError(Exception):
@@ -84,11 +96,49 @@ def _split_backends(value: Any) -> Any:
         text = value.strip()
         if text.startswith("["):
             try:
-                return json.loads(text)
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON ({exc.msg} at position {exc.pos})") from None
-        return [item.strip() for item in text.split(",") if item.strip()]
+        else:
+            value = [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(value, list):
+        return [{"url": item} if isinstance(item, str) else item for item in value]
     return value
+
+
+def check_hash_key(value: str) -> str:
+    """`ip`, `path`, `header:<name>` or `cookie:<name>`; header names are lower-cased."""
+    value = value.strip()
+    kind, _, name = value.partition(":")
+    kind = kind.lower()
+    if kind in ("ip", "path") and not name:
+        return kind
+    if kind in ("header", "cookie") and _TOKEN.match(name):
+        return f"header:{name.lower()}" if kind == "header" else f"cookie:{name}"
+    raise ValueError("expected ip, path, header:<name> or cookie:<name>")
+
+
+class RouteSpec(BaseModel):
+    """One entry of the routes table: requests under `prefix` go to their own backends."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str
+    backends: Annotated[list[BackendSpec], Field(min_length=1)]
+    algorithm: str | None = None  # None: the top-level LB_ALGORITHM
+    strip_prefix: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX.match(value):
+            raise ValueError("must start with '/' and hold only URL path characters (no '?', '#', spaces)")
+        return value
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, value: Any) -> Any:
+        return _split_backends(value)
 
 
 class Settings(BaseSettings):
@@ -135,12 +185,46 @@ class Settings(BaseSettings):
     admin_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_flush_interval: Seconds = 1.0
 
+    hash_key: str = "ip"
+    sticky_cookie: str = "lbapp_sticky"
+    sticky_secret: SecretStr | None = None
+    routes: list[RouteSpec] = Field(default_factory=list)
+
     @field_validator("backends", mode="before")
     @classmethod
     def _parse_backends(cls, value: Any) -> Any:
-        value = _split_backends(value)
-        if isinstance(value, list):
-            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return _split_backends(value)
+
+    @field_validator("hash_key")
+    @classmethod
+    def _check_hash_key(cls, value: str) -> str:
+        return check_hash_key(value)
+
+    @field_validator("sticky_cookie")
+    @classmethod
+    def _check_cookie_name(cls, value: str) -> str:
+        if not _TOKEN.match(value):
+            raise ValueError("must be a cookie name: letters, digits and !#$%&'*+-.^_`|~")
+        return value
+
+    @field_validator("sticky_secret", mode="before")
+    @classmethod
+    def _check_secret(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return None  # empty: generate one at start-up
+            if len(value) < 16:
+                raise ValueError("must be at least 16 characters (or empty: random at start-up)")
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: list[RouteSpec]) -> list[RouteSpec]:
+        seen: set[str] = set()
+        for route in value:
+            if route.prefix in seen:
+                raise ValueError(f"duplicate prefix {route.prefix!r}")
+            seen.add(route.prefix)
         return value
 
     @field_validator(
@@ -210,7 +294,30 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config = _config_file_source(settings_cls, env_settings, dotenv_settings)
-        return (init_settings, env_settings, dotenv_settings, config)
+        return (init_settings, _FileOnly(env_settings), _FileOnly(dotenv_settings), config)
+
+
+class _FileOnly(PydanticBaseSettingsSource):
+    """An environment source that refuses the settings which belong in the config file only."""
+
+    FILE_ONLY = ("routes",)
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        for name in self.FILE_ONLY:
+            if name in data:
+                raise SettingsError(
+                    f"invalid setting {ENV_PREFIX}{name.upper()}: set it in the LB_CONFIG file, "
+                    "not the environment"
+                )
+        return data
 
 
 def _config_file_source(
@@ -247,6 +354,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_SECRET_FIELDS = {"sticky_secret"}
+
+
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error["loc"]]
     name = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "settings"
@@ -254,6 +364,8 @@ def _describe(error: Any) -> str:
         name += f"[{part}]" if part.isdigit() else f".{part}"
     message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
+    if loc and loc[0] in _SECRET_FIELDS:
+        value = None  # never echo a secret into a log
     if isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) < 80:
         message += f" (got {value!r})"
     return f"invalid setting {name}: {message}"

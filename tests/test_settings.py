@@ -149,3 +149,96 @@ def test_settings_env_example_lists_every_setting_with_its_default(tmp_path: Pat
     assert {f"LB_{field.upper()}" for field in Settings.model_fields} <= names
     (tmp_path / "settings.env").write_text(example)
     assert load_settings() == load_settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LB_HASH_KEY", "header:", "LB_HASH_KEY"),
+        ("LB_HASH_KEY", "query", "LB_HASH_KEY"),
+        ("LB_HASH_KEY", "cookie:a b", "LB_HASH_KEY"),
+        ("LB_STICKY_COOKIE", "a;b", "LB_STICKY_COOKIE"),
+        ("LB_STICKY_SECRET", "hunter2", "LB_STICKY_SECRET"),
+    ],
+)
+def test_bad_balancing_values_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=rf"^invalid setting {expected}: ") as error:
+        load_settings()
+    assert "\n" not in str(error.value)
+    if name == "LB_STICKY_SECRET":
+        assert value not in str(error.value)  # a secret is never echoed into a log
+
+
+def test_hash_key_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in (
+        ("ip", "ip"),
+        (" PATH ", "path"),
+        ("header:X-User", "header:x-user"),
+        ("cookie:Session", "cookie:Session"),
+    ):
+        monkeypatch.setenv("LB_HASH_KEY", value)
+        assert load_settings().hash_key == expected
+
+
+def test_sticky_secret_is_optional_and_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().sticky_secret is None
+    monkeypatch.setenv("LB_STICKY_SECRET", "")
+    assert load_settings().sticky_secret is None
+    monkeypatch.setenv("LB_STICKY_SECRET", "0123456789abcdef-secret")
+    settings = load_settings()
+    assert settings.sticky_secret is not None
+    assert settings.sticky_secret.get_secret_value() == "0123456789abcdef-secret"
+    assert "0123456789abcdef" not in repr(settings)
+
+
+def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, document: object) -> None:
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps(document))
+    monkeypatch.setenv("LB_CONFIG", str(path))
+
+
+def test_routes_table_from_the_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    routes = [
+        {"prefix": "/api", "backends": ["http://a:1", {"url": "http://b:2", "weight": 3}]},
+        {"prefix": "/static/", "backends": ["http://c:3"], "algorithm": "first", "strip_prefix": True},
+    ]
+    write_config(tmp_path, monkeypatch, {"routes": routes})
+    first, second = load_settings().routes
+    assert first.prefix == "/api" and first.algorithm is None and first.strip_prefix is False
+    assert [(b.url, b.weight) for b in first.backends] == [("http://a:1", 1), ("http://b:2", 3)]
+    assert (second.prefix, second.algorithm, second.strip_prefix) == ("/static/", "first", True)
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        ([{"prefix": "api", "backends": ["http://a:1"]}], "LB_ROUTES[0].prefix"),
+        ([{"prefix": "/a?b", "backends": ["http://a:1"]}], "LB_ROUTES[0].prefix"),
+        ([{"prefix": "/api", "backends": []}], "LB_ROUTES[0].backends"),
+        ([{"prefix": "/api"}], "LB_ROUTES[0].backends"),
+        ([{"prefix": "/api", "backends": ["ftp://a"]}], "LB_ROUTES[0].backends[0].url"),
+        ([{"prefix": "/api", "backends": ["http://a:1"], "strip": True}], "LB_ROUTES[0].strip"),
+        (
+            [{"prefix": "/a", "backends": ["http://a:1"]}, {"prefix": "/a", "backends": ["http://b:1"]}],
+            "LB_ROUTES",
+        ),
+        ({"prefix": "/api"}, "LB_ROUTES"),
+    ],
+)
+def test_bad_routes_name_the_entry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, routes: object, expected: str
+) -> None:
+    write_config(tmp_path, monkeypatch, {"routes": routes})
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value).startswith(f"invalid setting {expected}: ")
+    assert "\n" not in str(error.value)
+
+
+def test_routes_are_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_ROUTES", '[{"prefix": "/api", "backends": ["http://a:1"]}]')
+    with pytest.raises(SettingsError, match=r"^invalid setting LB_ROUTES: set it in the LB_CONFIG file"):
+        load_settings()

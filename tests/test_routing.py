@@ -1,0 +1,134 @@
+"""Path-based routing: longest prefix, segment boundaries, prefix stripping, pools of their own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lbapp import SettingsError, create_app
+from lbapp.balancers import First, RoundRobin
+from lbapp.pool import Pool
+from lbapp.routing import Cluster, Route, Router
+from lbapp.settings import BackendSpec, load_settings
+
+from .conftest import EchoBackend, ThreadedServer, make_settings, run_lb, wait_until
+
+
+def cluster(name: str) -> Cluster:
+    return Cluster(Pool([BackendSpec(url=f"http://{name}:80")]), RoundRobin())
+
+
+DEFAULT, API, API_V2, STATIC = cluster("default"), cluster("api"), cluster("api-v2"), cluster("static")
+ROUTER = Router(
+    [
+        Route("/api", API),
+        Route("/api/v2", API_V2, strip_prefix=True),
+        Route("/static/", STATIC, strip_prefix=True),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected", "target"),
+    [
+        (b"/api", API, b"/api"),
+        (b"/api/", API, b"/api/"),
+        (b"/api/users", API, b"/api/users"),
+        (b"/apis", DEFAULT, b"/apis"),  # whole segments only
+        (b"/api/v2", API_V2, b"/"),  # the longest prefix wins, whatever the table's order
+        (b"/api/v2/users/%2F", API_V2, b"/users/%2F"),  # stripping keeps the raw bytes
+        (b"/api/v20", API, b"/api/v20"),
+        (b"/static/app.js", STATIC, b"/app.js"),
+        (b"/static/", STATIC, b"/"),
+        (b"/static", DEFAULT, b"/static"),  # a prefix ending in / matches only below it
+        (b"/", DEFAULT, b"/"),
+        (b"/%61pi", DEFAULT, b"/%61pi"),  # matched on the raw path, as forwarded
+    ],
+)
+def test_longest_prefix_on_segment_boundaries(path: bytes, expected: Cluster, target: bytes) -> None:
+    routed, forwarded = ROUTER.route(path, DEFAULT)
+    assert routed is expected
+    assert forwarded == target
+
+
+def test_a_root_route_takes_everything_else() -> None:
+    router = Router([Route("/", API), Route("/static", STATIC)])
+    assert router.route(b"/anything", DEFAULT)[0] is API
+    assert router.route(b"/static/x", DEFAULT)[0] is STATIC
+
+
+def test_first_sees_standbys_other_policies_do_not() -> None:
+    pool = Pool([BackendSpec(url="http://a:80"), BackendSpec(url="http://standby:80", weight=0)])
+    assert [b.url for b in Cluster(pool, First()).candidates()] == ["http://a:80", "http://standby:80"]
+    assert [b.url for b in Cluster(pool, RoundRobin()).candidates()] == ["http://a:80"]
+
+
+def test_route_algorithm_errors_name_the_route() -> None:
+    routes = [{"prefix": "/api", "backends": ["http://a:1"], "algorithm": "fastest"}]
+    with pytest.raises(SettingsError, match=r"^invalid setting LB_ROUTES\[0\]\.algorithm: unknown algorithm"):
+        create_app(make_settings(["http://a:1"], routes=routes))
+
+
+def test_each_sticky_route_has_its_own_cookie() -> None:
+    routes = [{"prefix": "/api", "backends": ["http://a:1"], "algorithm": "sticky"}]
+    app = create_app(make_settings(["http://b:1"], algorithm="sticky", routes=routes, sticky_secret="x" * 16))
+    default_cookie = app.state.proxy.balancer.cookie
+    route_cookie = app.state.router.routes[0].cluster.balancer.cookie
+    assert default_cookie == "lbapp_sticky"
+    assert route_cookie.startswith("lbapp_sticky-") and route_cookie != default_cookie
+
+
+def test_routes_end_to_end(
+    echo_factory: Callable[..., EchoBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = echo_factory("default")
+    api = [echo_factory("api-1"), echo_factory("api-2")]
+    static = echo_factory("static")
+    config = {
+        "backends": [default.url],
+        "health_interval": 0.1,
+        "unhealthy_threshold": 1,
+        "routes": [
+            {"prefix": "/api", "backends": [b.url for b in api], "algorithm": "round_robin"},
+            {"prefix": "/static", "backends": [static.url], "strip_prefix": True},
+        ],
+    }
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("LB_CONFIG", str(path))
+    settings = load_settings(access_log=False, retry_delay=0)
+    assert len(settings.routes) == 2
+    app = create_app(settings)
+
+    with ThreadedServer(app) as server:
+
+        def get(target: str) -> dict[str, object]:
+            response = httpx.get(server.url + target)
+            assert response.status_code == 200, response.text
+            document: dict[str, object] = response.json()
+            return document
+
+        assert [get("/api/users?id=1")["server"] for _ in range(4)] == ["api-1", "api-2"] * 2
+        assert get("/api/users?id=1")["raw_path"] == "/api/users"
+        seen = get("/static/css/site.css?v=3")
+        assert (seen["server"], seen["raw_path"], seen["query"]) == ("static", "/css/site.css", "v=3")
+        assert get("/static")["raw_path"] == "/"
+        assert get("/apis")["server"] == "default"
+        assert get("/")["server"] == "default"
+
+        # A route's pool has health checks of its own: a dead API backend leaves that route only.
+        api[0].kill()
+        route_pool = app.state.router.routes[0].cluster.pool
+        wait_until(lambda: len(route_pool.eligible) == 1)
+        assert {get("/api/x")["server"] for _ in range(4)} == {"api-2"}
+        assert get("/x")["server"] == "default"
+
+
+def test_default_pool_only_without_routes(echo_backends: list[EchoBackend]) -> None:
+    with run_lb([echo_backends[0].url]) as server:
+        assert server.app.state.router is None
+        assert httpx.get(server.url + "/api/x").json()["server"] == "backend-1"
