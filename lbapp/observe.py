@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from .logs import log_access
 from .pool import Backend
 from .requestid import HEADER, ensure_request_id
 
@@ -57,21 +58,18 @@ def access_log(
     """One line per proxied request; formatted (text or JSON) by the log writer thread, not here."""
     now = time.perf_counter()
     client = scope.get("client")
-    access_logger.info(
-        "access",
-        extra={
-            "access": {
-                "request_id": tap.request_id.decode("latin-1"),
-                "client": client[0] if client else None,
-                "method": scope["method"],
-                "path": scope.get("raw_path", b"").decode("latin-1") or scope["path"],
-                "status": status,
-                "backend": backend.url if backend is not None else None,
-                "attempts": attempts,
-                "upstream_ms": round((tap.headers_at - started) * 1000, 3) if tap.headers_at else None,
-                "total_ms": round((now - started) * 1000, 3),
-                "bytes_in": tap.bytes_in,
-                "bytes_out": tap.bytes_out,
-            }
-        },
+    log_access(
+        {
+            "request_id": tap.request_id.decode("latin-1"),
+            "client": client[0] if client else None,
+            "method": scope["method"],
+            "path": scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+            "status": status,
+            "backend": backend.url if backend is not None else None,
+            "attempts": attempts,
+            "upstream_ms": round((tap.headers_at - started) * 1000, 3) if tap.headers_at else None,
+            "total_ms": round((now - started) * 1000, 3),
+            "bytes_in": tap.bytes_in,
+            "bytes_out": tap.bytes_out,
+        }
     )
