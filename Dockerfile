@@ -16,12 +16,12 @@ RUN pip install . \
 USER lbapp
 EXPOSE 8080
 
-# Liveness, not readiness: with every backend down lbapp still works as designed (it answers 503
-# and serves /metrics), so a Docker health status that flipped to "unhealthy" there would only
-# get a sound process restarted and its metrics lost. /lb-ready (200 only while a backend is
-# eligible) is for whatever routes traffic to lbapp. The slim image has no curl: Python checks.
+# Readiness as Envoy's /ready means it: lbapp has started (lifespan done, shared client open) and
+# serves. It does not depend on the backends' health: with every backend down lbapp still works
+# as designed (503 "all backends are down", /metrics served), and a container marked unhealthy
+# then would only be restarted for nothing. The slim image has no curl: Python checks.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/lb-health', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/lb-ready', timeout=2)"]
 
 # uvicorn is PID 1 (exec form) and gets SIGTERM itself; --timeout-graceful-shutdown gives
 # in-flight requests 30 s (docker-compose.yml's stop_grace_period is longer, so no SIGKILL first).

@@ -141,7 +141,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return Response(b'{"status": "ok"}', media_type="application/json")
 
     async def ready(request: Request) -> Response:
-        ok = proxy.upstream.client is not None and bool(pool.eligible)
+        # Envoy's /ready: started and serving, whatever the backends' health (an LB with every
+        # backend down still answers 503 and serves /metrics; restarting it would fix nothing).
+        client = proxy.upstream.client
+        ok = client is not None and not client.is_closed
         body = json.dumps({"ready": ok, "healthy_backends": len(pool.eligible)})
         return Response(body, status_code=200 if ok else 503, media_type="application/json")
 

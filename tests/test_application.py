@@ -46,3 +46,19 @@ def test_metrics_is_a_plain_route_without_redirect(echo_backends: list[EchoBacke
         response = httpx.get(server.url + "/metrics", follow_redirects=False)
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain")
+
+
+async def test_readiness_follows_the_lifespan_not_the_backends() -> None:
+    app = create_app(make_settings(["http://127.0.0.1:9"]))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://lb.test") as client:
+        assert (await client.get("/lb-ready")).status_code == 503  # not started yet
+        async with app.router.lifespan_context(app):
+            pool = app.state.pool
+            pool.backends[0].state = "unhealthy"
+            pool.refresh()
+            response = await client.get("/lb-ready")
+            assert response.status_code == 200
+            assert response.json() == {"ready": True, "healthy_backends": 0}
+            assert (await client.get("/lb-health")).status_code == 200
+        assert (await client.get("/lb-ready")).status_code == 503  # shut down

@@ -305,7 +305,7 @@ def test_dockerfile_runs_uvicorn_with_the_production_flags() -> None:
     assert json.loads(last["CMD"]) == expected
     assert "--timeout-graceful-shutdown" in expected
     # The HEALTHCHECK is the liveness endpoint, which does not flap when the backends are down.
-    assert "http://127.0.0.1:8080/lb-health" in last["HEALTHCHECK"]
+    assert "http://127.0.0.1:8080/lb-ready" in last["HEALTHCHECK"]
 
 
 # --- the stack without Docker ---------------------------------------------------------------------
