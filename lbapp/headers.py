@@ -86,6 +86,12 @@ def parse_request_headers(raw: Iterable[tuple[bytes, bytes]], trust_forwarded: b
     if extra_drop:
         # Headers named in `Connection` are hop-by-hop too; Host and framing stay ours to decide.
         extra_drop -= {b"host", b"content-length"}
+    if head.chunked and head.content_length is not None:
+        # Both framings: Transfer-Encoding wins and Content-Length must go (RFC 9112 §6.3), or the
+        # backend may read the body differently than uvicorn did (request smuggling).
+        extra_drop = (extra_drop or set()) | {b"content-length"}
+        head.content_length = None
+    if extra_drop:
         head.headers = [(n, v) for n, v in kept if n not in extra_drop]
     return head
 

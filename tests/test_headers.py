@@ -66,3 +66,10 @@ def test_trusted_chain_resolves_the_rightmost_untrusted_address() -> None:
     assert trusted.client_ip("10.0.0.1", b"10.0.0.7") == "10.0.0.1"
     head = parse_request_headers([(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"2.2.2.2")], True)
     assert head.forwarded_for == b"1.1.1.1, 2.2.2.2"
+
+
+def test_transfer_encoding_overrides_content_length() -> None:
+    raw = [(b"host", b"h"), (b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
+    head = parse_request_headers(raw, trust_forwarded=False)
+    assert head.headers == [(b"host", b"h")]
+    assert head.chunked and head.content_length is None and head.has_body
