@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     except ValueError as exc:
         raise SettingsError(f"invalid setting LB_ALGORITHM: {exc}") from None
     router = build_router(settings)
-    pool = Pool(settings.backends, settings.healthy_threshold, settings.unhealthy_threshold)
+    pool = Pool.from_settings(settings.backends, settings)
     stats = Stats()
     proxy = Proxy(settings, pool, balancer, stats, router)
     health = HealthChecker(pool, settings)
