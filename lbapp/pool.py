@@ -254,6 +254,11 @@ class Pool:
             backend.consecutive_successes += 1
             if not backend.check_ok and backend.consecutive_successes >= self.healthy_threshold:
                 backend.check_ok = True
+                if backend.ejected_until:
+                    # Checks just proved a recovery: an ejection from the failure is over too.
+                    backend.ejected_until = 0.0
+                    backend.last_returned = self.clock()
+                    backend.errors_in_row = 0
                 self._update(backend, f"{backend.consecutive_successes} checks passed")
         else:
             backend.checks_failed += 1
