@@ -27,12 +27,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from .settings import BackendSpec, parse_statuses
+from .settings import BackendSpec, Settings, parse_statuses
 
 logger = logging.getLogger("lbapp.pool")
 
@@ -201,7 +200,7 @@ class Pool:
         self.refresh()
 
     @classmethod
-    def from_settings(cls, specs: Iterable[BackendSpec], settings: Any) -> Pool:
+    def from_settings(cls, specs: Iterable[BackendSpec], settings: Settings) -> Pool:
         return cls(
             specs,
             settings.healthy_threshold,
