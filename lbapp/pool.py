@@ -238,8 +238,8 @@ class Pool:
             self.panic = panic
         self.available = available
         self.eligible = eligible
-        # Requests queued by the circuit breaker look again: the candidates changed.
-        while self.waiters:
+        # Requests queued by the circuit breaker look again, in order (each wakes the next).
+        if self.waiters:
             wake_one(self.waiters)
 
     # --- active checks -------------------------------------------------------------------------

@@ -387,6 +387,8 @@ class Proxy:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    wake_one(waiters)  # woken just as time ran out: pass the free slot on
                 return FULL
             finally:
                 if not waiter.done():
@@ -395,6 +397,10 @@ class Proxy:
                         waiters.remove(waiter)
             choice = self._choose(cluster, request, tried)
             if choice is not FULL:
+                # Maybe more than one slot is free (or the candidates changed): wake the next
+                # waiter too; one that finds nothing goes back to the front, so order is kept.
+                if waiters:
+                    wake_one(waiters)
                 return choice
 
     async def _attempt(
