@@ -53,16 +53,25 @@ async def test_full_backends_queue_then_503_with_retry_after(echo_factory: Any) 
     assert document["failed_requests"] == 2
 
 
-async def test_queued_request_is_served_when_a_slot_frees(echo_factory: Any) -> None:
+async def test_queued_requests_are_served_in_arrival_order_when_slots_free(echo_factory: Any) -> None:
     a: EchoBackend = echo_factory("a")
-    with run_lb([a.url], backend_max_conns=2, queue_size=10, queue_timeout=5) as server:
+    with run_lb([a.url], backend_max_conns=1, queue_size=10, queue_timeout=5) as server:
         backend = server.app.state.pool.backends[0]
+        finished: list[str] = []
+
+        async def get(client: httpx.AsyncClient, path: str) -> httpx.Response:
+            response = await client.get(path)
+            finished.append(path)
+            return response
+
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            busy = [asyncio.create_task(client.get("/sleep/0.3")) for _ in range(2)]
-            await asyncio.to_thread(wait_until, lambda: backend.in_flight == 2)
-            queued = [asyncio.create_task(client.get(f"/q{i}")) for i in range(4)]
-            await asyncio.to_thread(wait_until, lambda: len(backend.waiters) == 4)
-            results = await asyncio.gather(*busy, *queued)
-        assert [r.status_code for r in results] == [200] * 6
-        assert [r.json()["path"] for r in results[2:]] == ["/q0", "/q1", "/q2", "/q3"]
+            busy = asyncio.create_task(get(client, "/sleep/0.3"))
+            await asyncio.to_thread(wait_until, lambda: backend.in_flight == 1)
+            queued = []
+            for i in range(4):  # one at a time, so the arrival order is known
+                queued.append(asyncio.create_task(get(client, f"/q{i}")))
+                await asyncio.to_thread(wait_until, lambda n=i + 1: len(backend.waiters) == n)
+            results = await asyncio.gather(busy, *queued)
+        assert [r.status_code for r in results] == [200] * 5
+        assert finished == ["/sleep/0.3", "/q0", "/q1", "/q2", "/q3"]  # one at a time, FIFO
         assert backend.in_flight == 0 and not backend.waiters

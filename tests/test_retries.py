@@ -168,6 +168,9 @@ def test_retry_budget_stops_a_retry_storm(echo_factory: Any) -> None:
                 )
             assert statuses == [502] * 20
             samples = server.app.state.metrics.samples()
+            document = httpx.get(server.url + "/lb-metrics").json()
+            # /lb-metrics counts attempts only, not the retries the budget refused.
+            assert document["retry_attempts"] == samples.total("lb_retries_total", reason="connect")
             return {
                 "retries": samples.total("lb_retries_total")
                 - samples.total("lb_retries_total", reason="budget_exhausted"),
