@@ -147,3 +147,30 @@ def test_slow_start_off_by_default_and_after_ejection() -> None:
     clock.now += 30
     on.expire_ejections()
     assert on.backends[0].ramp_weight() == pytest.approx(0.2)
+
+
+def test_every_transition_is_logged_once_with_backend_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    clock = FakeClock()
+    pool = pool_of(2, clock=clock, outlier_failures=2)
+    backend = pool.backends[0]
+    with caplog.at_level(logging.INFO, logger="lbapp.pool"):
+        pool.record_check(backend, False, "status 500")
+        pool.record_check(backend, False, "status 500")
+        pool.record_check(backend, False, "status 500")  # already unhealthy: nothing new
+        pool.record_check(backend, True)
+        pool.record_check(backend, True)
+        pool.record_failure(backend, "status 503")
+        pool.record_failure(backend, "status 503")
+        pool.expire_ejections(clock.now + 60)
+        pool.drain(backend)
+        pool.undrain(backend)
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lbapp.pool"]
+    assert [level for level, _ in records] == ["WARNING", "INFO", "WARNING", "INFO", "WARNING", "INFO"]
+    assert all(backend.url in message for _, message in records)
+    assert "unhealthy, was healthy (2 checks failed: status 500)" in records[0][1]
+    assert "ejected, was healthy (2 failed requests in a row, last: status 503" in records[2][1]
+    assert "healthy, was ejected (ejection time over)" in records[3][1]
+    assert "draining, was healthy (drained through the admin API)" in records[4][1]
+    assert backend.transitions == 6
