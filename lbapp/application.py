@@ -37,6 +37,11 @@ def forbidden() -> Response:
 
 
 NO_STORE = {"cache-control": "no-store"}
+ADMIN_ACTIONS = ("drain", "undrain", "eject", "uneject")
+
+
+def json_response(document: dict[str, object], status: int = 200) -> Response:
+    return Response(json.dumps(document), status_code=status, media_type="application/json")
 
 
 class AdminGuard:
@@ -71,12 +76,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     except ValueError as exc:
         raise SettingsError(f"invalid setting LB_ALGORITHM: {exc}") from None
     router = build_router(settings)
-    pool = Pool(settings.backends, settings.healthy_threshold, settings.unhealthy_threshold)
+    pool = Pool.from_settings(settings.backends, settings)
     stats = Stats()
     proxy = Proxy(settings, pool, balancer, stats, router)
     health = HealthChecker(pool, settings)
     metrics = Metrics(stats, pool, multiproc_dir())
     guard = AdminGuard(settings.admin_allow)
+    write_guard = AdminGuard(settings.admin_write_allow)
+    pools = [pool, *(r.cluster.pool for r in router.routes)] if router else [pool]
     # Each route's pool is checked by a loop of its own, like the default pool.
     route_health = [HealthChecker(r.cluster.pool, settings) for r in router.routes] if router else []
 
@@ -137,6 +144,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return Response(json.dumps(metrics.status()), media_type="application/json", headers=NO_STORE)
         return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=NO_STORE)
 
+    async def backend_action(request: Request) -> Response:
+        """POST /lb-admin/backends/{drain,undrain,eject,uneject}?url=...: every pool holding it."""
+        if not write_guard.allows(request):
+            return forbidden()
+        action = request.path_params["action"]
+        if action not in ADMIN_ACTIONS:
+            return json_response(
+                {"error": f"unknown action, expected one of {', '.join(ADMIN_ACTIONS)}"}, 404
+            )
+        url = request.query_params.get("url", "")
+        found = [(p, b) for p in pools if (b := p.find(url)) is not None]
+        if not found:
+            return json_response({"error": "no such backend", "url": url}, 404)
+        for owner, backend in found:
+            if action == "drain":
+                owner.drain(backend)
+            elif action == "undrain":
+                owner.undrain(backend)
+            elif action == "uneject":
+                owner.uneject(backend, "returned through the admin API")
+            elif not backend.ejected_until and not owner.eject(backend, "ejected through the admin API"):
+                return json_response(
+                    {"error": "LB_OUTLIER_MAX_EJECTION_PERCENT reached", "url": backend.url}, 409
+                )
+        backend = found[0][1]
+        return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
+
     async def live(request: Request) -> Response:
         return Response(b'{"status": "ok"}', media_type="application/json")
 
@@ -156,6 +190,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *(Route(path, endpoint, methods=["GET"]) for path, endpoint in admin if path),
         Route("/lb-health", live, methods=["GET"]),
+        Route("/lb-admin/backends/{action}", backend_action, methods=["POST"]),
         Route("/lb-ready", ready, methods=["GET"]),
         Route("/{path:path}", proxy),
     ]

@@ -25,7 +25,7 @@ from itertools import accumulate
 from typing import Any, Protocol, cast
 
 from .hashing import ConsistentHash, IpHash, Sticky, sticky_secret
-from .pool import Backend
+from .pool import Backend, effective_weight
 from .settings import Settings
 
 logger = logging.getLogger("lbapp.balancers")
@@ -80,8 +80,8 @@ class Balancer(Protocol):
 
 
 def load(backend: Backend) -> float:
-    """In-flight requests per unit of weight, counting the one about to be sent."""
-    return (backend.in_flight + 1) / backend.weight
+    """In-flight requests per unit of effective weight (slow start), counting the one about to be sent."""
+    return (backend.in_flight + 1) / (backend.weight if not backend.ramp_until else backend.ramp_weight())
 
 
 class RoundRobin:
@@ -100,17 +100,18 @@ class WeightedRoundRobin:
     """nginx's smooth weighted round robin: weights 5,1,1 give a,a,b,a,c,a,a (no bursts)."""
 
     def __init__(self) -> None:
-        self._current: dict[Backend, int] = {}
+        self._current: dict[Backend, float] = {}
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         current = self._current
-        total = 0
+        total: float = 0
         best = backends[0]
         best_value = -math.inf
         for backend in backends:
-            value = current.get(backend, 0) + backend.weight
+            weight = backend.weight if not backend.ramp_until else backend.ramp_weight()
+            value = current.get(backend, 0) + weight
             current[backend] = value
-            total += backend.weight
+            total += weight
             if value > best_value:
                 best, best_value = backend, value
         current[best] -= total
@@ -123,12 +124,15 @@ class Random:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._for: Sequence[Backend] = ()
-        self._cumulative: list[int] | None = None
+        self._cumulative: list[float] | None = None
+        self._ramping = False
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
-        if backends is not self._for:
+        if backends is not self._for or self._ramping:
+            # Cached per eligible tuple; recomputed on every pick only while a backend ramps up.
             self._for = backends
-            weights = [b.weight for b in backends]
+            self._ramping = any(b.ramp_until for b in backends)
+            weights = [effective_weight(b) for b in backends]
             self._cumulative = list(accumulate(weights)) if len(set(weights)) > 1 else None
         cumulative = self._cumulative
         if cumulative is None:
@@ -207,7 +211,7 @@ class LeastTime:
             return self.UNMEASURED + backend.in_flight if backend.in_flight else 0.0
         seconds, stamp = measured
         decayed = seconds * math.exp(-max(now - stamp, 0.0) / self.decay)
-        return decayed * (backend.in_flight + 1) / backend.weight
+        return decayed * (backend.in_flight + 1) / effective_weight(backend)
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         now = self.clock()

@@ -6,7 +6,10 @@ Every path answers JSON `{"server", "method", "path", "query", "headers", "body_
 Test helpers: `/health`; `/bytes/N` streams N bytes; `/status/N` answers status N;
 `/cookies` sets two cookies; `/redirect` answers 302; `/gzip` answers a gzip-encoded body;
 `/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering.
-`--fail` makes every answer (health included) a 500; `--latency` delays every answer.
+`--fail` makes every answer (health included) a 500; `--latency` delays every answer;
+`--flap` makes every other `/health` answer a 500; `--id-log FILE` appends `METHOD ID` for every
+request carrying an `X-Request-ID`, written before the answer, so the record survives a SIGKILL
+and several processes (or restarts) can share the file.
 """
 
 from __future__ import annotations
@@ -28,11 +31,21 @@ CHUNK = b"x" * 65536
 class EchoApp:
     """A raw ASGI app: cheap enough that it never becomes the bottleneck of a benchmark."""
 
-    def __init__(self, name: str, fail: bool = False, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        fail: bool = False,
+        latency: float = 0.0,
+        flap: bool = False,
+        id_log: str | None = None,
+    ) -> None:
         self.name = name
         self.fail = fail
         self.latency = latency
+        self.flap = flap
+        self.health_checks = 0
         self.request_ids: dict[str, int] = {}
+        self.id_log = os.open(id_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if id_log else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -58,10 +71,16 @@ class EchoApp:
         seen = 0
         if request_id:
             seen = self.request_ids[request_id] = self.request_ids.get(request_id, 0) + 1
+            if self.id_log is not None:  # one small O_APPEND write: atomic, survives SIGKILL
+                os.write(self.id_log, f"{scope['method']} {request_id}\n".encode("latin-1"))
         if self.fail:
             await self._send(send, 500, json.dumps({"server": self.name, "error": "failing"}).encode())
             return
         if path == "/health":
+            self.health_checks += 1
+            if self.flap and self.health_checks % 2 == 0:
+                await self._send(send, 500, b'{"status": "flapping"}')
+                return
             await self._send(send, 200, b'{"status": "ok"}')
             return
         special = await self._special(path, send)
@@ -141,11 +160,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="reported as 'server' (default: backend-PORT)")
     parser.add_argument("--fail", action="store_true", help="answer 500 to everything, health included")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    parser.add_argument("--flap", action="store_true", help="answer every other /health with 500")
+    parser.add_argument("--id-log", default=None, help="append 'METHOD X-Request-ID' lines to this file")
     args = parser.parse_args(argv)
     port = args.port
     if args.fd is not None:
         port = socket.socket(fileno=os.dup(args.fd)).getsockname()[1]
-    app = EchoApp(args.name or f"backend-{port}", fail=args.fail, latency=args.latency)
+    app = EchoApp(
+        args.name or f"backend-{port}",
+        fail=args.fail,
+        latency=args.latency,
+        flap=args.flap,
+        id_log=args.id_log,
+    )
     config = uvicorn.Config(
         app,
         host=args.host,

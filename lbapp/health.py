@@ -1,4 +1,9 @@
-"""Active health checks: probe every backend each interval; the pool applies rise/fall.
+"""Active health checks: probe every backend when it is due; the pool applies rise/fall.
+
+Each backend has its own next-due time: `LB_HEALTH_INTERVAL` while its checks pass,
+`LB_HEALTH_UNHEALTHY_INTERVAL` while they fail (to notice a recovery sooner), each stretched or
+shortened by a random `LB_HEALTH_JITTER` share so many instances' checks do not align. Every round
+probes all due backends concurrently with the checker's own client.
 
 The loop must never die: an exception in one round is logged and the next round runs, because
 a dead health loop silently freezes every backend's state (see the field notes).
@@ -7,41 +12,95 @@ a dead health loop silently freezes every backend's state (see the field notes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 
 import httpx
 
 from .pool import Backend, Pool
-from .settings import Settings
+from .settings import Settings, parse_statuses
 
 logger = logging.getLogger("lbapp.health")
 
 
 class HealthChecker:
-    """Probes `GET <backend><health_path>` on every backend concurrently, with its own client."""
+    """Probes every backend (`http`: method + path + expected status/body; `tcp`: connect, close)."""
 
-    def __init__(self, pool: Pool, settings: Settings) -> None:
+    def __init__(self, pool: Pool, settings: Settings, rng: random.Random | None = None) -> None:
         self.pool = pool
         self.path = settings.health_path
+        self.method = settings.health_method
+        self.expected = parse_statuses(settings.health_expected_status)
+        self.body = settings.health_body.encode()
+        self.kind = settings.health_type
         self.interval = settings.health_interval
+        self.unhealthy_interval = settings.health_unhealthy_interval or settings.health_interval
+        self.jitter = settings.health_jitter
         self.timeout = settings.health_timeout
+        self.rng = rng or random.Random()
         self.client: httpx.AsyncClient | None = None
         self.rounds = 0
+        self.due: dict[Backend, float] = {}  # loop time of each backend's next check
 
-    async def check(self, backend: Backend) -> None:
+    async def probe_http(self, backend: Backend) -> tuple[bool, str]:
         assert self.client is not None
         url = backend.origin.copy_with(raw_path=backend.base_path + self.path.encode())
         try:
-            response = await self.client.get(url)
+            response = await self.client.request(self.method, url)
         except httpx.HTTPError as exc:
-            self.pool.record_check(backend, False, f"{type(exc).__name__}: {exc}".rstrip(": "))
-            return
-        ok = 200 <= response.status_code < 400
-        self.pool.record_check(backend, ok, f"status {response.status_code}")
+            return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        status = response.status_code
+        if status not in self.expected:
+            return False, f"status {status}"
+        if self.body and self.body not in response.content:
+            return False, f"status {status} but the body lacks {self.body.decode(errors='replace')!r}"
+        return True, f"status {status}"
+
+    async def probe_tcp(self, backend: Backend) -> tuple[bool, str]:
+        origin = backend.origin
+        port = origin.port or (443 if origin.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(origin.host, port)
+        except (OSError, TimeoutError) as exc:
+            return False, f"connect failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True, "connected"
+
+    async def check(self, backend: Backend) -> None:
+        started = asyncio.get_running_loop().time()
+        try:
+            if self.kind == "tcp":
+                ok, reason = await self.probe_tcp(backend)
+            else:
+                ok, reason = await self.probe_http(backend)
+        except Exception as exc:  # a bug in one probe must not cost the round
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        self.pool.record_check(backend, ok, reason)
+        self.due[backend] = started + self.next_interval(backend)
+
+    def next_interval(self, backend: Backend) -> float:
+        interval = self.interval if backend.check_ok else self.unhealthy_interval
+        if self.jitter:
+            interval *= 1.0 + self.rng.uniform(-self.jitter, self.jitter)
+        return interval
 
     async def run_once(self) -> None:
-        await asyncio.gather(*(self.check(b) for b in self.pool.backends))
+        """Probe every backend that is due, concurrently."""
+        now = asyncio.get_running_loop().time()
+        self.pool.expire_ejections()  # the safety net of the pool's un-ejection timers
+        due = [b for b in self.pool.backends if self.due.get(b, 0.0) <= now]
+        await asyncio.gather(*(self.check(b) for b in due))
         self.rounds += 1
+
+    def pause(self) -> float:
+        """Seconds until the next backend is due."""
+        now = asyncio.get_running_loop().time()
+        next_due = min(self.due.values(), default=now + self.interval)
+        return max(next_due - now, 0.005)
 
     async def run(self) -> None:
         """Check forever; cancelled by the lifespan on shutdown."""
@@ -58,4 +117,6 @@ class HealthChecker:
                     await self.run_once()
                 except Exception:
                     logger.exception("health check round failed; next round in %.1fs", self.interval)
-                await asyncio.sleep(self.interval)
+                    await asyncio.sleep(self.interval)
+                    continue
+                await asyncio.sleep(self.pause())

@@ -45,7 +45,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 from prometheus_client.values import MultiProcessValue
 
-from .pool import HEALTHY, UNHEALTHY, Backend, Pool
+from .pool import HEALTHY, STATES, UNHEALTHY, Backend, Pool
 
 logger = logging.getLogger("lbapp.metrics")
 
@@ -57,8 +57,9 @@ BUCKET_LABELS = (*(repr(b) for b in BUCKETS), "+Inf")  # as prometheus-client wr
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 CODE_CLASSES = ("5xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 NO_BACKEND = "none"  # the `backend` label of requests the load balancer answered without one
-STATES = (HEALTHY, UNHEALTHY)
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+BUDGET_EXHAUSTED = "budget_exhausted"  # lb_retries_total reason: a retry the budget refused
+RETRY_REASONS = (*ERROR_KINDS, BUDGET_EXHAUSTED)
 RELOAD_RESULTS = ("success", "failure")
 LB_ERROR_CODES = (502, 503, 504)
 WINDOW = 60.0  # seconds of history behind the status page's rates and quantiles
@@ -178,6 +179,10 @@ class Stats:
         reason = error_kind(error)
         self.retries[reason] = self.retries.get(reason, 0) + 1
 
+    def retry_denied(self) -> None:
+        """A retry that was safe but refused by the retry budget (not an attempt)."""
+        self.retries[BUDGET_EXHAUSTED] = self.retries.get(BUDGET_EXHAUSTED, 0) + 1
+
 
 @dataclass(slots=True)
 class Family:
@@ -280,8 +285,9 @@ def families(stats: Stats, pool: Pool) -> list[Family]:
                     (b.weight for b in backends), "livemax"),
         last_checked,
         upstream_errors,
-        Family("lb_retries", "Extra upstream attempts, by the kind of failure that caused them.", "counter",
-               ("reason",), samples={(k,): stats.retries.get(k, 0) for k in ERROR_KINDS}),
+        Family("lb_retries", "Extra upstream attempts, by the kind of failure that caused them;"
+               " budget_exhausted: retries refused by the retry budget.", "counter",
+               ("reason",), samples={(k,): stats.retries.get(k, 0) for k in RETRY_REASONS}),
         checks,
         per_backend("lb_outlier_ejections", "Backends ejected by passive outlier detection.", "counter",
                     (b.ejections for b in backends)),
@@ -485,7 +491,9 @@ def lb_metrics(samples: Samples, pool: Pool, now: float | None = None) -> dict[s
         "total_requests": int(samples.total("lb_requests_received_total")),
         "success_requests": int(samples.total("lb_backend_responses_total")),
         "failed_requests": int(samples.total("lb_error_responses_total")),
-        "retry_attempts": int(samples.total("lb_retries_total")),
+        "retry_attempts": int(
+            samples.total("lb_retries_total") - samples.total("lb_retries_total", reason=BUDGET_EXHAUSTED)
+        ),
         "avg_latency_ms": round(latency / count * 1000, 3) if count else 0.0,
         "healthy_backends": healthy,
         "total_backends": len(pool.backends),

@@ -3,12 +3,15 @@
 Raw ASGI rather than `StreamingResponse`: it costs one task per request (the disconnect
 watcher) instead of a task group, and lets a broken upstream body abort the client connection
 instead of ending it cleanly. Retries follow one rule: a request is sent again only if nothing
-of it reached a backend, or it is idempotent and has no body (see `Attempt.retryable`).
+of it reached a backend, or it is safe to repeat (an idempotent method without a body, or any
+request with an `Idempotency-Key` whose body could be kept for a replay), and never once the
+response began; a retry budget bounds how many requests may be retrying at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +29,7 @@ from .headers import (
 )
 from .metrics import Stats
 from .observe import Tap, access_log
-from .pool import Backend, Pool
+from .pool import Backend, Pool, wake_one
 from .routing import Cluster, Router
 from .settings import Settings
 from .upstream import Upstream, lower_headers
@@ -41,6 +44,16 @@ Send = Any
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONNECT_PHASE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 EMPTY_BODY = httpx.ByteStream(b"")
+# A body up to this size is kept while it streams when the request carries an Idempotency-Key,
+# so that it can be sent again after a failure; a larger one makes the request unsafe to repeat.
+REPLAY_LIMIT = 1 << 20
+
+
+class Full:
+    """`_choose`'s answer when every candidate is at `LB_BACKEND_MAX_CONNS`."""
+
+
+FULL = Full()
 
 
 class ClientDisconnected(Exception):
@@ -48,6 +61,7 @@ class ClientDisconnected(Exception):
 
 
 def json_error(status: int, message: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A complete ASGI answer: short JSON, and `Retry-After: 1` on a 503."""
     body = b'{"error": "%s"}' % message.encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 503:
@@ -63,21 +77,36 @@ ERRORS = {
     503: json_error(503, "all backends are down"),
     504: json_error(504, "gateway timeout"),
 }
+OVERLOADED = json_error(503, "all backends are at capacity")
 
 
 class ClientBody(httpx.AsyncByteStream):
     """The client's request body, read from ASGI `receive` as the upstream asks for it."""
 
-    __slots__ = ("exchange", "receive", "started")
+    __slots__ = ("complete", "exchange", "kept", "kept_bytes", "receive", "started")
 
-    def __init__(self, receive: Receive, exchange: Exchange) -> None:
+    def __init__(self, receive: Receive, exchange: Exchange, keep: bool = False) -> None:
         self.receive = receive
         self.exchange = exchange
         self.started = False
+        self.complete = False
+        # With `keep` (Idempotency-Key), the chunks are kept while they stream, for a replay.
+        self.kept: list[bytes] | None = [] if keep else None
+        self.kept_bytes = 0
+
+    @property
+    def replayable(self) -> bool:
+        """The whole body was read and kept: a retry can send it again."""
+        return self.complete and self.kept is not None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self.started:
-            raise httpx.StreamConsumed()
+            if not self.replayable:
+                raise httpx.StreamConsumed()
+            assert self.kept is not None
+            for chunk in self.kept:
+                yield chunk
+            return
         self.started = True
         while True:
             message = await self.receive()
@@ -86,8 +115,15 @@ class ClientBody(httpx.AsyncByteStream):
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
             if chunk:
+                if self.kept is not None:
+                    self.kept_bytes += len(chunk)
+                    if self.kept_bytes <= REPLAY_LIMIT:
+                        self.kept.append(chunk)
+                    else:
+                        self.kept = None  # too big to keep: not replayable
                 yield chunk
             if not message.get("more_body", False):
+                self.complete = True
                 self.exchange.watch_disconnect(self.receive)
                 return
 
@@ -137,6 +173,11 @@ class Exchange:
             self.watcher.cancel()
 
 
+def has_idempotency_key(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The request says it is safe to repeat (draft-ietf-httpapi-idempotency-key-header)."""
+    return any(name == b"idempotency-key" and value.strip() for name, value in headers)
+
+
 def with_response_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     """`send`, adding `extra` to the response head (a policy's hook, e.g. sticky's Set-Cookie)."""
 
@@ -166,6 +207,12 @@ class Proxy:
         self.upstream = Upstream(settings)
         self.max_retries = settings.max_retries
         self.retry_delay = settings.retry_delay
+        # Retry budget: requests retrying at once <= max(minimum, budget% of live requests).
+        self.retry_budget = settings.retry_budget / 100.0
+        self.retry_budget_min = settings.retry_budget_min
+        self.retrying = 0
+        self.queue_size = settings.queue_size
+        self.queue_timeout = settings.queue_timeout
         self.preserve_host = settings.preserve_host
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.access_log = settings.access_log
@@ -220,59 +267,88 @@ class Proxy:
         if scope.get("query_string"):
             raw_target += b"?" + scope["query_string"]
 
-        body = ClientBody(receive, exchange) if head.has_body else None
+        idempotency_key = method not in IDEMPOTENT and has_idempotency_key(head.headers)
+        body = ClientBody(receive, exchange, idempotency_key) if head.has_body else None
         if body is None:
             exchange.watch_disconnect(receive)
         request_info = RequestInfo(scope, client_ip, trust)
-        safe_after_send = method in IDEMPOTENT and body is None
+        # After the request was sent, only what is safe to repeat is sent again.
+        safe_after_send = (method in IDEMPOTENT and body is None) or idempotency_key
         tried: set[Backend] = set()
         attempts = 0
         last_error = 503
         backend: Backend | None = None
         error: Exception | None = None
+        pool = cluster.pool
+        retrying = False
 
-        while True:
-            backend = self._choose(cluster, request_info, tried)
-            if backend is None:
-                return await self._fail(send, last_error, started), None, attempts
-            attempts += 1
-            if attempts > 1:
-                self.stats.retry(error)
-            sent_at = time.perf_counter() if cluster.observe is not None else 0.0
-            response = await self._attempt(backend, method, raw_target, head.headers, body, head.host)
-            if cluster.observe is not None and not isinstance(response, ClientDisconnected):
-                # Policies that learn from response times (least_time): time to the response head.
-                ok = isinstance(response, httpx.Response)
-                cluster.observe(backend, time.perf_counter() - sent_at, ok)
-            if isinstance(response, httpx.Response):
-                break
-            error = response
-            tried.add(backend)
-            self._record_failure(backend, error, method)
-            if isinstance(error, ClientDisconnected):
-                return 499, backend, attempts
-            last_error = (
-                504
-                if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.PoolTimeout)
-                else 502
-            )
-            retryable = not (body is not None and body.started) and (
-                isinstance(error, CONNECT_PHASE)
-                or getattr(error, "request_sent", True) is False
-                or (safe_after_send and not isinstance(error, httpx.TimeoutException))
-            )
-            if not retryable or attempts > self.max_retries:
-                return await self._fail(send, last_error, started), backend, attempts
-            if self.retry_delay:
-                await asyncio.sleep(self.retry_delay)
+        try:
+            while True:
+                choice = self._choose(cluster, request_info, tried)
+                if choice is FULL:
+                    choice = await self._queue(cluster, request_info, tried)
+                    if choice is FULL:
+                        return await self._overloaded(send), backend, attempts
+                if choice is None:
+                    return await self._fail(send, last_error, started), backend, attempts
+                assert isinstance(choice, Backend)
+                backend = choice
+                attempts += 1
+                if attempts > 1:
+                    self.stats.retry(error)
+                sent_at = time.perf_counter() if cluster.observe is not None else 0.0
+                response = await self._attempt(backend, method, raw_target, head.headers, body, head.host)
+                if cluster.observe is not None and not isinstance(response, ClientDisconnected):
+                    # Policies that learn from response times (least_time): time to the response head.
+                    ok = isinstance(response, httpx.Response)
+                    cluster.observe(backend, time.perf_counter() - sent_at, ok)
+                if isinstance(response, httpx.Response):
+                    # Passive outlier detection: a couple of int operations per answer.
+                    if response.status_code in pool.outlier_statuses:
+                        pool.record_failure(backend, f"status {response.status_code}")
+                    else:
+                        backend.errors_in_row = 0
+                    break
+                error = response
+                tried.add(backend)
+                if isinstance(error, ClientDisconnected):
+                    return 499, backend, attempts
+                self._record_failure(backend, error, method)
+                pool.record_failure(backend, type(error).__name__)
+                last_error = (
+                    504
+                    if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.PoolTimeout)
+                    else 502
+                )
+                retryable = not (body is not None and body.started and not body.replayable) and (
+                    isinstance(error, CONNECT_PHASE)
+                    or getattr(error, "request_sent", True) is False
+                    or (safe_after_send and not isinstance(error, httpx.TimeoutException))
+                )
+                if not retryable or attempts > self.max_retries:
+                    return await self._fail(send, last_error, started), backend, attempts
+                if not retrying:
+                    # The retry budget: a request holds one retry slot from its first retry on.
+                    budget = max(self.retry_budget_min, self.stats.in_flight * self.retry_budget)
+                    if self.retrying >= budget:
+                        self.stats.retry_denied()
+                        return await self._fail(send, last_error, started), backend, attempts
+                    retrying = True
+                    self.retrying += 1
+                if self.retry_delay:
+                    await asyncio.sleep(self.retry_delay)
+        finally:
+            if retrying:
+                self.retrying -= 1
 
         if cluster.response_headers is not None:  # e.g. sticky's Set-Cookie
             extra = cluster.response_headers(backend, request_info)
             if extra:
                 send = with_response_headers(send, extra)
-        return await self._relay(response, backend, method, send, exchange, started), backend, attempts
+        return await self._relay(response, backend, pool, method, send, exchange, started), backend, attempts
 
-    def _choose(self, cluster: Cluster, request: RequestInfo, tried: set[Backend]) -> Backend | None:
+    def _choose(self, cluster: Cluster, request: RequestInfo, tried: set[Backend]) -> Backend | Full | None:
+        """The policy's pick among the candidates below their in-flight cap; FULL when none is."""
         eligible = cluster.candidates()
         if not eligible:
             return None
@@ -281,7 +357,51 @@ class Proxy:
             untried = [b for b in eligible if b not in tried]
             if untried:
                 eligible = untried
+        cap = cluster.pool.max_conns
+        if cap:  # circuit breaking: a backend at its cap is skipped
+            below = [b for b in eligible if b.in_flight < cap]
+            if not below:
+                return FULL
+            if len(below) < len(eligible):
+                eligible = below
         return cluster.balancer.pick(eligible, request)
+
+    async def _queue(
+        self, cluster: Cluster, request: RequestInfo, tried: set[Backend]
+    ) -> Backend | Full | None:
+        """Every candidate is at its cap: wait in the pool's bounded FIFO queue for a free slot."""
+        waiters = cluster.pool.waiters
+        if len(waiters) >= self.queue_size:
+            return FULL
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout
+        first = True
+        while True:
+            waiter: asyncio.Future[None] = loop.create_future()
+            if first:
+                waiters.append(waiter)
+            else:
+                waiters.appendleft(waiter)  # woken but beaten to the slot: keep its place
+            first = False
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    wake_one(waiters)  # woken just as time ran out: pass the free slot on
+                return FULL
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(waiter)
+            choice = self._choose(cluster, request, tried)
+            if choice is not FULL:
+                # Maybe more than one slot is free (or the candidates changed): wake the next
+                # waiter too; one that finds nothing goes back to the front, so order is kept.
+                if waiters:
+                    wake_one(waiters)
+                return choice
 
     async def _attempt(
         self,
@@ -308,15 +428,20 @@ class Proxy:
             return await self.upstream.send(request)
         except (httpx.HTTPError, ClientDisconnected) as exc:
             backend.in_flight -= 1
+            if backend.waiters:
+                wake_one(backend.waiters)
             return exc
         except BaseException:
             backend.in_flight -= 1
+            if backend.waiters:
+                wake_one(backend.waiters)
             raise
 
     async def _relay(
         self,
         response: httpx.Response,
         backend: Backend,
+        pool: Pool,
         method: str,
         send: Send,
         exchange: Exchange,
@@ -346,6 +471,7 @@ class Proxy:
                     # Ending the response normally would make a truncated body look complete:
                     # return without finishing it, and uvicorn closes the client connection.
                     stats.upstream_error(backend, exc)
+                    pool.record_failure(backend, f"broke off the response: {type(exc).__name__}")
                     logger.warning(
                         "backend %s broke off the response after %d bytes (%s); aborting the client",
                         backend.url,
@@ -359,7 +485,17 @@ class Proxy:
             return status
         finally:
             backend.in_flight -= 1
+            if backend.waiters:
+                wake_one(backend.waiters)
             await response.aclose()
+
+    async def _overloaded(self, send: Send) -> int:
+        """503 with Retry-After: every backend stayed at its cap for the whole queue timeout."""
+        start, body = OVERLOADED
+        self.stats.observe_error(503)
+        await send(start)
+        await send(body)
+        return 503
 
     async def _fail(self, send: Send, status: int, started: float) -> int:
         start, body = ERRORS[status]

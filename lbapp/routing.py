@@ -92,6 +92,6 @@ def build_router(settings: Settings) -> Router | None:
         except ValueError as exc:
             where = f"LB_ROUTES[{index}].algorithm" if spec.algorithm else "LB_ALGORITHM"
             raise SettingsError(f"invalid setting {where}: {exc}") from None
-        pool = Pool(spec.backends, settings.healthy_threshold, settings.unhealthy_threshold)
+        pool = Pool.from_settings(spec.backends, settings)
         routes.append(Route(spec.prefix, Cluster(pool, balancer), spec.strip_prefix))
     return Router(routes)

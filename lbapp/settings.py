@@ -45,6 +45,21 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _PREFIX = re.compile(r"^/[!$&'()*+,\-./0-9:;=@A-Z_a-z~%]*$")
 
 
+def parse_statuses(value: str) -> frozenset[int]:
+    """`200-399`, `200,204`, `500-504,429`: HTTP status codes (100..599) as a set."""
+    codes: set[int] = set()
+    for item in value.split(","):
+        low, sep, high = item.strip().partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise ValueError("expected status codes or ranges, e.g. 200-399 or 200,204") from None
+        if not 100 <= first <= last <= 599:
+            raise ValueError("expected status codes or ranges between 100 and 599, e.g. 200-399")
+        codes.update(range(first, last + 1))
+    return frozenset(codes)
+
+
 class SettingsError(Exception):
     """A setting is invalid; the message is one line meant for the operator."""
 
@@ -165,8 +180,28 @@ class Settings(BaseSettings):
     health_timeout: Seconds = 3.0
     healthy_threshold: int = Field(default=2, ge=1)
     unhealthy_threshold: int = Field(default=2, ge=1)
+    health_method: str = "GET"
+    health_expected_status: str = "200-399"
+    health_body: str = ""
+    health_unhealthy_interval: Annotated[float, Field(ge=0)] = 0.0
+    health_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
+    health_type: Literal["http", "tcp"] = "http"
+
+    outlier_consecutive_failures: int = Field(default=5, ge=0)
+    outlier_statuses: str = "502,503,504"
+    outlier_ejection_time: Seconds = 30.0
+    outlier_max_ejection_time: Seconds = 300.0
+    outlier_max_ejection_percent: int = Field(default=50, ge=0, le=100)
+
+    backend_max_conns: int = Field(default=0, ge=0)
+    queue_size: int = Field(default=100, ge=0)
+    queue_timeout: Seconds = 1.0
+    slow_start: Annotated[float, Field(ge=0)] = 0.0
+    panic_threshold: int = Field(default=0, ge=0, le=100)
 
     max_retries: int = Field(default=2, ge=0, le=100)
+    retry_budget: Annotated[float, Field(ge=0, le=100)] = 20.0
+    retry_budget_min: int = Field(default=3, ge=0)
     retry_delay: Annotated[float, Field(ge=0)] = 0.05
     connect_timeout: Seconds = 2.0
     upstream_timeout: Seconds = 10.0
@@ -183,6 +218,9 @@ class Settings(BaseSettings):
     json_metrics_path: str = "/lb-metrics"
     status_path: str = "/lb-status"
     admin_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_write_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
     metrics_flush_interval: Seconds = 1.0
 
     hash_key: str = "ip"
@@ -194,6 +232,33 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_backends(cls, value: Any) -> Any:
         return _split_backends(value)
+
+    @field_validator("health_expected_status", "outlier_statuses")
+    @classmethod
+    def _check_statuses(cls, value: str) -> str:
+        parse_statuses(value)
+        return value.strip()
+
+    @field_validator("retry_budget", mode="before")
+    @classmethod
+    def _parse_percent(cls, value: Any) -> Any:
+        return value.strip().removesuffix("%") if isinstance(value, str) else value
+
+    @field_validator("health_method")
+    @classmethod
+    def _check_method(cls, value: str) -> str:
+        value = value.strip().upper()
+        if not _TOKEN.match(value):
+            raise ValueError("expected an HTTP method such as GET or HEAD")
+        return value
+
+    @field_validator("outlier_max_ejection_time")
+    @classmethod
+    def _check_max_ejection(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("outlier_ejection_time")
+        if base is not None and value < base:
+            raise ValueError(f"must be at least LB_OUTLIER_EJECTION_TIME ({base:g} s)")
+        return value
 
     @field_validator("hash_key")
     @classmethod
@@ -235,6 +300,11 @@ class Settings(BaseSettings):
         "upstream_timeout",
         "upstream_idle_timeout",
         "metrics_flush_interval",
+        "health_unhealthy_interval",
+        "outlier_ejection_time",
+        "outlier_max_ejection_time",
+        "queue_timeout",
+        "slow_start",
         mode="before",
     )
     @classmethod
@@ -271,7 +341,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is already LB_{other.upper()}")
         return value
 
-    @field_validator("trusted_proxies", "admin_allow", mode="before")
+    @field_validator("trusted_proxies", "admin_allow", "admin_write_allow", mode="before")
     @classmethod
     def _parse_networks(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -25,6 +25,7 @@ STATUS_PAGE = b"""<!doctype html>
   td.url { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
   .state { display: inline-block; padding: 1px 8px; border-radius: 10px; color: #fff; font-size: 12px; }
   .healthy { background: var(--ok); } .unhealthy { background: var(--bad); }
+  .ejected { background: #d9822b; } .draining { background: #4a78c2; }
   .other { background: var(--muted); }
   #error { color: var(--bad); margin-top: 12px; }
   footer { color: var(--muted); margin-top: 12px; font-size: 12px; }
@@ -61,7 +62,8 @@ function render(data) {
     row.dataset.url = b.url;
     cell(row, b.url, "url");
     const badge = document.createElement("span");
-    badge.className = "state " + (b.state === "healthy" || b.state === "unhealthy" ? b.state : "other");
+    const known = ["healthy", "unhealthy", "ejected", "draining"].includes(b.state);
+    badge.className = "state " + (known ? b.state : "other");
     badge.textContent = b.state;
     row.insertCell().appendChild(badge);
     cell(row, String(b.weight));

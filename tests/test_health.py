@@ -71,3 +71,72 @@ def test_health_loop_survives_an_exception(echo_backends: list[EchoBackend], mon
         wait_until(lambda: health.rounds >= start + 3, timeout=10)
         assert calls["n"] >= 3
         assert httpx.get(server.url + "/x").status_code == 200
+
+
+def test_backend_failing_every_other_check_never_changes_state(echo_factory: Any) -> None:
+    flapping: EchoBackend = echo_factory("flapping", "--flap")
+    with run_lb([flapping.url], health_interval=0.03, health_jitter=0) as server:
+        backend = server.app.state.pool.backends[0]
+        wait_until(lambda: backend.checks_passed >= 8 and backend.checks_failed >= 8, timeout=15)
+        assert backend.state == HEALTHY and backend.transitions == 0
+        assert abs(backend.checks_passed - backend.checks_failed) <= 1  # really every other one
+        assert httpx.get(server.url + "/").status_code == 200
+
+
+def test_expected_status_list_and_body_substring(echo_factory: Any) -> None:
+    echo: EchoBackend = echo_factory("echo")
+    cases = [
+        ({"health_path": "/status/204"}, HEALTHY),  # the default 200-399
+        ({"health_path": "/status/404"}, UNHEALTHY),
+        ({"health_path": "/status/204", "health_expected_status": "200"}, UNHEALTHY),
+        ({"health_path": "/status/204", "health_expected_status": "200,204"}, HEALTHY),
+        ({"health_path": "/status/500", "health_expected_status": "200-299,500"}, HEALTHY),
+        ({"health_body": '"ok"'}, HEALTHY),
+        ({"health_body": "ready"}, UNHEALTHY),
+        ({"health_method": "HEAD", "health_body": ""}, HEALTHY),
+    ]
+    for overrides, expected in cases:
+        settings = {"health_interval": 0.03, "health_jitter": 0, "unhealthy_threshold": 1, **overrides}
+        with run_lb([echo.url], **settings) as server:
+            backend = server.app.state.pool.backends[0]
+            wait_until(lambda b=backend: b.checks_passed + b.checks_failed >= 2, timeout=10)
+            assert backend.state == expected, overrides
+
+
+def test_tcp_checks_only_connect(echo_factory: Any) -> None:
+    echo: EchoBackend = echo_factory("echo")
+    # An HTTP check of /status/500 would fail; a TCP check only connects and closes.
+    with run_lb(
+        [echo.url], health_type="tcp", health_path="/status/500", health_interval=0.05, health_timeout=0.5
+    ) as server:
+        backend = server.app.state.pool.backends[0]
+        wait_until(lambda: backend.checks_passed >= 3, timeout=10)
+        assert backend.state == HEALTHY and backend.checks_failed == 0
+        echo.kill()
+        wait_until(lambda: backend.state == UNHEALTHY, timeout=10)
+
+
+def test_unhealthy_backends_are_checked_at_the_faster_interval(echo_factory: Any) -> None:
+    bad: EchoBackend = echo_factory("bad", "--fail")
+    with run_lb(
+        [bad.url], health_interval=60, health_unhealthy_interval=0.05, unhealthy_threshold=1
+    ) as server:
+        backend = server.app.state.pool.backends[0]
+        # One check a minute while healthy; the first failure makes it unhealthy, then 20 a second.
+        wait_until(lambda: backend.checks_failed >= 6, timeout=10)
+        assert backend.state == UNHEALTHY
+
+
+async def test_jitter_spreads_the_interval() -> None:
+    from lbapp.health import HealthChecker
+
+    from .conftest import make_settings
+
+    settings = make_settings(["http://b:1"], health_interval=10, health_jitter=0.2)
+    pool = Pool([BackendSpec(url="http://b:1")])
+    checker = HealthChecker(pool, settings)
+    intervals = [checker.next_interval(pool.backends[0]) for _ in range(200)]
+    assert all(8.0 <= i <= 12.0 for i in intervals)
+    assert max(intervals) - min(intervals) > 2.0
+    flat = HealthChecker(pool, make_settings(["http://b:1"], health_interval=10, health_jitter=0))
+    assert {flat.next_interval(pool.backends[0]) for _ in range(10)} == {10.0}

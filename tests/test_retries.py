@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -122,3 +123,66 @@ def test_slow_backend_gives_504(echo_factory: Any) -> None:
         response = httpx.get(server.url + "/sleep/5", timeout=10)
     assert response.status_code == 504
     assert "Traceback" not in response.text
+
+
+async def test_idempotency_key_makes_a_post_retryable_after_it_was_sent(mock: Any) -> None:
+    seen: list[bytes] = []
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        seen.append(request.read())
+        raise httpx.RemoteProtocolError("server disconnected")
+
+    route_a = mock.post(f"{A}/x").mock(side_effect=broken)
+    route_b = mock.post(f"{B}/x").mock(
+        side_effect=lambda request: httpx.Response(200, content=request.read())
+    )
+    async with lb_client() as client:
+        response = await client.post("/x", content=b"pay", headers={"idempotency-key": "k-1"})
+        assert response.status_code == 200
+        assert response.content == b"pay"  # the same body, sent again
+        assert seen == [b"pay"]
+        assert route_a.call_count == 1 and route_b.call_count == 1
+        # The same failure without the key: never sent twice.
+        response = await client.post("/x", content=b"pay")
+        assert response.status_code in (200, 502)
+        assert route_a.call_count + route_b.call_count == 3
+
+
+def test_retry_budget_stops_a_retry_storm(echo_factory: Any) -> None:
+    """Every backend refuses: without a budget each request retries; with one, few may at once."""
+    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(3)]
+
+    def storm(budget: float) -> dict[str, Any]:
+        with run_lb(
+            dead,
+            max_retries=3,
+            retry_delay=0.2,
+            retry_budget=budget,
+            retry_budget_min=2,
+            outlier_consecutive_failures=0,
+            health_interval=60,
+        ) as server:
+            with concurrent.futures.ThreadPoolExecutor(20) as executor:
+                statuses = list(
+                    executor.map(lambda _: httpx.get(server.url + "/", timeout=10).status_code, range(20))
+                )
+            assert statuses == [502] * 20
+            samples = server.app.state.metrics.samples()
+            document = httpx.get(server.url + "/lb-metrics").json()
+            # /lb-metrics counts attempts only, not the retries the budget refused.
+            assert document["retry_attempts"] == samples.total("lb_retries_total", reason="connect")
+            return {
+                "retries": samples.total("lb_retries_total")
+                - samples.total("lb_retries_total", reason="budget_exhausted"),
+                "denied": samples.total("lb_retries_total", reason="budget_exhausted"),
+                "retrying": server.app.state.proxy.retrying,
+            }
+
+    unlimited = storm(100.0)
+    assert unlimited["retries"] == 60 and unlimited["denied"] == 0
+    limited = storm(10.0)
+    # At most max(2, 10% of 20 live requests) = 2 requests retry at once, each up to 3 times.
+    assert limited["denied"] >= 15
+    assert limited["retries"] <= 3 * (20 - limited["denied"])
+    assert limited["retries"] < 20
+    assert limited["retrying"] == 0  # every slot was given back

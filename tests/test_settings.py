@@ -242,3 +242,51 @@ def test_routes_are_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LB_ROUTES", '[{"prefix": "/api", "backends": ["http://a:1"]}]')
     with pytest.raises(SettingsError, match=r"^invalid setting LB_ROUTES: set it in the LB_CONFIG file"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LB_HEALTH_EXPECTED_STATUS", "ok"),
+        ("LB_HEALTH_EXPECTED_STATUS", "200-700"),
+        ("LB_HEALTH_EXPECTED_STATUS", "399-200"),
+        ("LB_HEALTH_METHOD", "GE T"),
+        ("LB_HEALTH_TYPE", "udp"),
+        ("LB_HEALTH_JITTER", "2"),
+        ("LB_HEALTH_UNHEALTHY_INTERVAL", "soon"),
+        ("LB_OUTLIER_CONSECUTIVE_FAILURES", "-1"),
+        ("LB_OUTLIER_STATUSES", "5xx"),
+        ("LB_OUTLIER_EJECTION_TIME", "0"),
+        ("LB_OUTLIER_MAX_EJECTION_TIME", "1"),
+        ("LB_OUTLIER_MAX_EJECTION_PERCENT", "150"),
+        ("LB_BACKEND_MAX_CONNS", "many"),
+        ("LB_QUEUE_SIZE", "-5"),
+        ("LB_QUEUE_TIMEOUT", "0"),
+        ("LB_SLOW_START", "slowly"),
+        ("LB_PANIC_THRESHOLD", "101"),
+        ("LB_RETRY_BUDGET", "lots"),
+        ("LB_RETRY_BUDGET_MIN", "-1"),
+        ("LB_ADMIN_WRITE_ALLOW", "localhost"),
+    ],
+)
+def test_bad_health_values_name_the_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=rf"^invalid setting {name}: ") as error:
+        load_settings()
+    assert "\n" not in str(error.value)
+
+
+def test_health_setting_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lbapp.settings import parse_statuses
+
+    monkeypatch.setenv("LB_RETRY_BUDGET", "25%")
+    monkeypatch.setenv("LB_HEALTH_METHOD", "head")
+    monkeypatch.setenv("LB_SLOW_START", "1m")
+    monkeypatch.setenv("LB_ADMIN_WRITE_ALLOW", "")
+    settings = load_settings()
+    assert (settings.retry_budget, settings.health_method, settings.slow_start) == (25.0, "HEAD", 60.0)
+    assert settings.admin_write_allow == []
+    assert load_settings(_env_file=None).outlier_statuses == "502,503,504"
+    assert parse_statuses("200-204, 304") == {200, 201, 202, 203, 204, 304}
+    monkeypatch.delenv("LB_ADMIN_WRITE_ALLOW")
+    assert load_settings().admin_write_allow == ["127.0.0.1/32", "::1/128"]

@@ -1,0 +1,121 @@
+"""A backend SIGKILLed and restarted on the same port while a bounded load runs through lbapp.
+
+Three echo backends log every request id they see to a file each (appended before answering, so
+a SIGKILL loses nothing; the restarted backend appends to the same file). Four client threads
+send GETs and POSTs with unique X-Request-IDs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lbapp.pool import HEALTHY, UNHEALTHY
+
+from .conftest import EchoBackend, run_lb, wait_until
+
+INTERVAL = 0.2
+RISE = FALL = 2
+JITTER = 0.1
+TOLERANCE = 1.0  # scheduling, a check's own time, and the thread running the load balancer
+
+
+class Load:
+    """`workers` threads sending requests until stopped; bounded in count and in time."""
+
+    def __init__(self, url: str, workers: int = 4, max_requests: int = 4000, max_seconds: float = 30) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.results: list[tuple[str, str, int]] = []  # (method, request id, status)
+        self.max_requests = max_requests
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(workers)]
+
+    def run(self, worker: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            n = 0
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                with self.lock:
+                    if len(self.results) >= self.max_requests:
+                        return
+                method = "POST" if n % 2 else "GET"
+                n += 1
+                request_id = uuid.uuid4().hex
+                headers = {"x-request-id": request_id}
+                try:
+                    if method == "POST":
+                        status = client.post("/order", content=b"one order", headers=headers).status_code
+                    else:
+                        status = client.get("/item", headers=headers).status_code
+                except httpx.HTTPError:
+                    status = -1
+                with self.lock:
+                    self.results.append((method, request_id, status))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+
+def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_path: Path) -> None:
+    logs = [tmp_path / f"ids-{i}.log" for i in (1, 2, 3)]
+    backends: list[EchoBackend] = [echo_factory(f"b{i}", "--id-log", str(logs[i - 1])) for i in (1, 2, 3)]
+    victim = backends[1]
+    with run_lb(
+        [b.url for b in backends],
+        health_interval=INTERVAL,
+        health_timeout=0.5,
+        health_jitter=JITTER,
+        healthy_threshold=RISE,
+        unhealthy_threshold=FALL,
+    ) as server:
+        state = server.app.state.pool.backends[1]
+        with Load(server.url) as load:
+            wait_until(lambda: load.count() >= 100, timeout=15)
+            victim.kill()
+            killed_at = time.monotonic()
+            wait_until(lambda: state.state == UNHEALTHY, timeout=10)
+            down_after = time.monotonic() - killed_at
+            before_restart = load.count()
+            wait_until(lambda: load.count() >= before_restart + 100, timeout=15)
+            victim.start()
+            restarted_at = time.monotonic()
+            seen_before_restart = len(logs[1].read_text().splitlines())
+            wait_until(lambda: state.state == HEALTHY, timeout=10)
+            up_after = time.monotonic() - restarted_at
+            back = load.count()
+            wait_until(lambda: load.count() >= back + 100, timeout=15)
+        results = list(load.results)
+
+    assert down_after <= FALL * INTERVAL * (1 + JITTER) + TOLERANCE
+    assert up_after <= RISE * INTERVAL * (1 + JITTER) + TOLERANCE
+    gets = [r for r in results if r[0] == "GET"]
+    posts = [r for r in results if r[0] == "POST"]
+    assert len(gets) >= 150 and len(posts) >= 150
+    assert [r for r in gets if r[2] != 200] == []  # retries cover every connect failure
+    assert {status for _, _, status in posts} <= {200, 502}
+    lines = [line for log in logs for line in log.read_text().splitlines()]
+    seen = Counter(line.split()[1] for line in lines if line.startswith("POST "))
+    assert max(seen.values()) == 1  # no POST ever reached a backend twice
+    for _, request_id, status in posts:
+        if status == 200:
+            assert seen[request_id] == 1
+    # The restarted backend took traffic again.
+    assert len(logs[1].read_text().splitlines()) >= seen_before_restart + 20
