@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         server_header=False,
         lifespan="off",
+        timeout_graceful_shutdown=1,  # a demo backend: do not wait long for slow requests
     )
     print(f"echo {app.name} listening on {args.host}:{port}", flush=True)
     uvicorn.Server(config).run()
