@@ -22,12 +22,14 @@ from starlette.routing import Route
 from .balancers import create_balancer
 from .health import HealthChecker
 from .logs import configure_logging
-from .metrics import Metrics, Stats, multiproc_dir
+from .metrics import Stats
+from .multiproc import multiproc_dir
 from .pool import Pool
 from .proxy import Proxy
 from .routing import build_router
 from .settings import Settings, SettingsError, load_settings
 from .status import STATUS_PAGE
+from .views import Metrics
 
 logger = logging.getLogger("lbapp")
 

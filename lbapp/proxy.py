@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -32,6 +31,7 @@ from .observe import Tap, access_log
 from .pool import Backend, Pool, wake_one
 from .routing import Cluster, Router
 from .settings import Settings
+from .streaming import ClientBody, ClientDisconnected, Exchange
 from .upstream import Upstream, lower_headers
 
 logger = logging.getLogger("lbapp.proxy")
@@ -44,9 +44,6 @@ Send = Any
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONNECT_PHASE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 EMPTY_BODY = httpx.ByteStream(b"")
-# A body up to this size is kept while it streams when the request carries an Idempotency-Key,
-# so that it can be sent again after a failure; a larger one makes the request unsafe to repeat.
-REPLAY_LIMIT = 1 << 20
 
 
 class Full:
@@ -54,10 +51,6 @@ class Full:
 
 
 FULL = Full()
-
-
-class ClientDisconnected(Exception):
-    """The client went away while we were still reading its body."""
 
 
 def json_error(status: int, message: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -78,99 +71,6 @@ ERRORS = {
     504: json_error(504, "gateway timeout"),
 }
 OVERLOADED = json_error(503, "all backends are at capacity")
-
-
-class ClientBody(httpx.AsyncByteStream):
-    """The client's request body, read from ASGI `receive` as the upstream asks for it."""
-
-    __slots__ = ("complete", "exchange", "kept", "kept_bytes", "receive", "started")
-
-    def __init__(self, receive: Receive, exchange: Exchange, keep: bool = False) -> None:
-        self.receive = receive
-        self.exchange = exchange
-        self.started = False
-        self.complete = False
-        # With `keep` (Idempotency-Key), the chunks are kept while they stream, for a replay.
-        self.kept: list[bytes] | None = [] if keep else None
-        self.kept_bytes = 0
-
-    @property
-    def replayable(self) -> bool:
-        """The whole body was read and kept: a retry can send it again."""
-        return self.complete and self.kept is not None
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.started:
-            if not self.replayable:
-                raise httpx.StreamConsumed()
-            assert self.kept is not None
-            for chunk in self.kept:
-                yield chunk
-            return
-        self.started = True
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.exchange.client_gone = True
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            if chunk:
-                if self.kept is not None:
-                    self.kept_bytes += len(chunk)
-                    if self.kept_bytes <= REPLAY_LIMIT:
-                        self.kept.append(chunk)
-                    else:
-                        self.kept = None  # too big to keep: not replayable
-                yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                self.exchange.watch_disconnect(self.receive)
-                return
-
-
-# Most exchanges end within this; only longer ones pay for a disconnect-watching task.
-WATCH_AFTER = 0.1
-
-
-class Exchange:
-    """Per-request bookkeeping: is the client still there, and is the response finished."""
-
-    __slots__ = ("client_gone", "done", "task", "timer", "watcher")
-
-    def __init__(self) -> None:
-        self.client_gone = False
-        self.done = False
-        self.task = asyncio.current_task()
-        self.timer: asyncio.TimerHandle | None = None
-        self.watcher: asyncio.Task[None] | None = None
-
-    def watch_disconnect(self, receive: Receive) -> None:
-        """Once the body is read, `receive` only returns on disconnect: cancel the request then.
-
-        The watcher starts only if the exchange is still running after `WATCH_AFTER`: a timer
-        handle costs far less than a task, and a client gone from a short exchange costs nothing.
-        """
-        if self.timer is None and not self.done:
-            self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watcher, receive)
-
-    def _start_watcher(self, receive: Receive) -> None:
-        if not self.done:
-            self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        message = await receive()
-        while message["type"] == "http.request":  # the (empty) body of a request without one
-            message = await receive()
-        if message["type"] == "http.disconnect" and not self.done and self.task is not None:
-            self.client_gone = True
-            self.task.cancel()
-
-    def finish(self) -> None:
-        self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.watcher is not None and not self.watcher.done():
-            self.watcher.cancel()
 
 
 def has_idempotency_key(headers: list[tuple[bytes, bytes]]) -> bool:

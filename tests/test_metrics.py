@@ -16,7 +16,8 @@ import respx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbapp import create_app
-from lbapp.metrics import BUCKETS, Histogram, code_class, error_kind, quantile
+from lbapp.metrics import BUCKETS, Histogram, code_class, error_kind
+from lbapp.views import quantile
 
 from .conftest import EchoBackend, make_settings, run_lb, wait_until
 

@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from lbapp.metrics import Samples
 from lbapp.pool import EJECTED, HEALTHY, UNHEALTHY, Pool
 from lbapp.settings import BackendSpec
+from lbapp.views import Samples
 
 from .conftest import EchoBackend, run_lb, wait_until
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from lbapp.balancers import LeastConn, RequestInfo, WeightedRoundRobin
-from lbapp.metrics import Samples
 from lbapp.pool import DRAINING, EJECTED, HEALTHY, UNHEALTHY, Pool
 from lbapp.settings import BackendSpec
+from lbapp.views import Samples
 
 from .conftest import EchoBackend, run_lb, wait_until
 
