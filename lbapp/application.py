@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .balancers import create_balancer
+from .headers import Networks
 from .health import HealthChecker
 from .logs import configure_logging
 from .metrics import Stats
@@ -53,20 +53,12 @@ class AdminGuard:
     """
 
     def __init__(self, networks: list[str]) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self.networks = Networks(networks)
 
     def allows(self, request: Request) -> bool:
         if not self.networks:
             return True
-        if request.client is None:
-            return False
-        try:
-            address = ipaddress.ip_address(request.client.host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return request.client is not None and self.networks.contains(request.client.host)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -140,8 +140,8 @@ def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> 
     return out, length
 
 
-class TrustedProxies:
-    """Which peers may tell us the real client address (X-Forwarded-For)."""
+class Networks:
+    """A CIDR list and a cached membership test (IPv4-mapped IPv6 peers count as IPv4)."""
 
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
@@ -155,7 +155,13 @@ class TrustedProxies:
             ip = ipaddress.ip_address(address.strip())
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
+
+
+class TrustedProxies(Networks):
+    """Which peers may tell us the real client address (X-Forwarded-For)."""
 
     def client_ip(self, peer: str, forwarded_for: bytes) -> str:
         """The rightmost address in the chain that is not a trusted proxy (nginx real_ip_recursive)."""

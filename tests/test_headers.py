@@ -73,3 +73,12 @@ def test_transfer_encoding_overrides_content_length() -> None:
     head = parse_request_headers(raw, trust_forwarded=False)
     assert head.headers == [(b"host", b"h")]
     assert head.chunked and head.content_length is None and head.has_body
+
+
+def test_networks_match_ipv4_mapped_ipv6_peers() -> None:
+    from lbapp.headers import Networks
+
+    networks = Networks(["127.0.0.0/8"])
+    assert networks.contains("::ffff:127.0.0.1") and networks.contains("127.0.0.2")
+    assert not networks.contains("::1") and not networks.contains("not an address")
+    assert not Networks([])
