@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from lbapp.transport import LeanTransport, _Body, _Conn
+from lbapp.connection import Connection, ResponseBody
+from lbapp.transport import LeanTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 DEADLINE = 10.0
@@ -364,7 +365,7 @@ def test_download_backpressure_keeps_buffer_bounded(run: Any) -> None:
             t = LeanTransport()
             response = await t.handle_async_request(req(b.url()))
             stream = response.stream
-            assert isinstance(stream, _Body) and stream._conn is not None
+            assert isinstance(stream, ResponseBody) and stream._conn is not None
             conn = stream._conn
             received, peak, paused = 0, 0, False
             async for chunk in response.aiter_raw():
@@ -757,4 +758,4 @@ def test_aclose_closes_idle_connections(run: Any) -> None:
 
 
 def test_connection_protocol_is_an_asyncio_protocol() -> None:
-    assert issubclass(_Conn, asyncio.Protocol)
+    assert issubclass(Connection, asyncio.Protocol)
