@@ -15,7 +15,6 @@ No prometheus-client metric object is touched per request (they take a lock on e
 from __future__ import annotations
 
 import bisect
-import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ from prometheus_client.core import (
 )
 
 from .pool import STATES, Backend, Pool
-
-logger = logging.getLogger("lbapp.metrics")
 
 VERSION = "0.1.0"
 # Upper bounds (seconds) of the latency histogram: 1 ms to 10 s, roughly x2.5 apart.

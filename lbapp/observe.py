@@ -7,15 +7,12 @@ and hands it to `Stats.end` and `access_log` when the request is over.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from .logs import log_access
 from .pool import Backend
 from .requestid import HEADER, ensure_request_id
-
-access_logger = logging.getLogger("lbapp.access")
 
 
 class Tap:

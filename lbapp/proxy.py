@@ -35,7 +35,7 @@ from .streaming import ClientBody, ClientDisconnected, Exchange
 from .upstream import Upstream, lower_headers
 
 logger = logging.getLogger("lbapp.proxy")
-access_logger = logging.getLogger("lbapp.access")  # written by observe.access_log
+access_logger = logging.getLogger("lbapp.access")  # only its enabled flag: observe.access_log writes
 
 Scope = dict[str, Any]
 Receive = Any
