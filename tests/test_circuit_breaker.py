@@ -15,7 +15,7 @@ async def test_backend_at_its_cap_is_skipped(echo_factory: Any) -> None:
     a: EchoBackend = echo_factory("a")
     b: EchoBackend = echo_factory("b")
     with run_lb([a.url, b.url], backend_max_conns=1) as server:
-        backends = server.app.state.pool.backends
+        backends = server.app.state.clusters.default.pool.backends
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             slow = asyncio.create_task(client.get("/sleep/1"))
             await asyncio.to_thread(wait_until, lambda: sum(x.in_flight for x in backends) == 1)
@@ -30,7 +30,7 @@ async def test_backend_at_its_cap_is_skipped(echo_factory: Any) -> None:
 async def test_full_backends_queue_then_503_with_retry_after(echo_factory: Any) -> None:
     a: EchoBackend = echo_factory("a")
     with run_lb([a.url], backend_max_conns=1, queue_size=1, queue_timeout=0.3) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             slow = asyncio.create_task(client.get("/sleep/1.5"))
             await asyncio.to_thread(wait_until, lambda: backend.in_flight == 1)
@@ -56,7 +56,7 @@ async def test_full_backends_queue_then_503_with_retry_after(echo_factory: Any) 
 async def test_queued_requests_are_served_in_arrival_order_when_slots_free(echo_factory: Any) -> None:
     a: EchoBackend = echo_factory("a")
     with run_lb([a.url], backend_max_conns=1, queue_size=10, queue_timeout=5) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         finished: list[str] = []
 
         async def get(client: httpx.AsyncClient, path: str) -> httpx.Response:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from lbapp.pool import HEALTHY, UNHEALTHY
+from lbapp.backend import HEALTHY, UNHEALTHY
 
 from .conftest import EchoBackend, run_lb, wait_until
 
@@ -86,7 +86,7 @@ def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_p
         healthy_threshold=RISE,
         unhealthy_threshold=FALL,
     ) as server:
-        state = server.app.state.pool.backends[1]
+        state = server.app.state.clusters.default.pool.backends[1]
         with Load(server.url) as load:
             wait_until(lambda: load.count() >= 100, timeout=15)
             victim.kill()
