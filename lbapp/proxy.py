@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from .admission import Full
+from .answers import AT_CAPACITY, UPSTREAM_ERRORS, Answer, send_answer
 from .backend import Backend
 from .cluster import Cluster, Clusters
 from .headers import (
@@ -50,26 +51,6 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 EMPTY_BODY = httpx.ByteStream(b"")
-
-
-def json_error(status: int, message: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A complete ASGI answer: short JSON, and `Retry-After: 1` on a 503."""
-    body = b'{"error": "%s"}' % message.encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    return (
-        {"type": "http.response.start", "status": status, "headers": headers},
-        {"type": "http.response.body", "body": body, "more_body": False},
-    )
-
-
-ERRORS = {
-    502: json_error(502, "bad gateway"),
-    503: json_error(503, "all backends are down"),
-    504: json_error(504, "gateway timeout"),
-}
-OVERLOADED = json_error(503, "all backends are at capacity")
 
 
 def with_response_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -184,13 +165,13 @@ class Proxy:
         body = ClientBody(receive, exchange, keep=prepared.safe) if head.has_body else None
         if body is None:
             exchange.watch_disconnect(receive)
-        last_status = 503
+        last_status = 503  # nothing tried: every backend is down
         while True:
             choice = await cluster.admit(prepared.info, attempts.tried)
             if isinstance(choice, Full):
-                return await self._answer(send, OVERLOADED)
+                return await self._answer(send, AT_CAPACITY)
             if choice is None:
-                return await self._answer(send, ERRORS[last_status])
+                return await self._answer(send, UPSTREAM_ERRORS[last_status])
             backend = attempts.backend = choice
             attempts.count += 1
             pool.lease(backend)
@@ -219,7 +200,7 @@ class Proxy:
             if decision != RETRY:
                 if decision == DENIED:
                     self.stats.retry_denied()
-                return await self._answer(send, ERRORS[last_status])
+                return await self._answer(send, UPSTREAM_ERRORS[last_status])
             self.stats.retry(result)
             if self.retry.delay:
                 await asyncio.sleep(self.retry.delay)
@@ -293,11 +274,7 @@ class Proxy:
         finally:
             await response.aclose()
 
-    async def _answer(self, send: Send, answer: tuple[dict[str, Any], dict[str, Any]]) -> int:
-        """One of lbapp's own error answers (502/503/504)."""
-        start, body = answer
-        status: int = start["status"]
-        self.stats.observe_error(status)
-        await send(start)
-        await send(body)
-        return status
+    async def _answer(self, send: Send, answer: Answer) -> int:
+        """One of lbapp's own error answers (502/503/504), counted."""
+        self.stats.observe_error(answer[0]["status"])
+        return await send_answer(send, answer)

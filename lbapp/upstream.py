@@ -17,7 +17,12 @@ from .transport import LeanTransport
 
 
 def no_cookies() -> CookieJar:
-    """A jar that stores nothing: a shared client must never replay one client's cookies to another."""
+    """A jar that stores nothing, for the shared client.
+
+    The proxy hands requests straight to the transport, so the client layer (and its jar) never
+    sees them; should anything send through `client.send`, one client's cookies still could never
+    be replayed to another.
+    """
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
+from lbapp.backend import Backend
 from lbapp.balancers import (
     POLICIES,
-    PolicyOptions,
     First,
     LeastConn,
     LeastTime,
+    PolicyOptions,
     PowerOfTwo,
     Random,
     RoundRobin,
@@ -28,13 +29,12 @@ from lbapp.balancers import (
     create_balancer,
     load_policy,
 )
-from lbapp.backend import Backend
-from lbapp.pool import Pool
 from lbapp.cluster import Cluster
 from lbapp.policy import RequestInfo
-from lbapp.settings import BackendSpec, Settings
+from lbapp.pool import Pool
+from lbapp.settings import BackendSpec
 
-from .conftest import EchoBackend, make_settings, mark_down, mark_up, run_lb
+from .conftest import EchoBackend, mark_down, mark_up, run_lb
 
 REQUEST = RequestInfo({"headers": []}, "1.2.3.4")
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbapp.balancers import RoundRobin
-from lbapp.policy import RequestInfo
-from lbapp.hashing import ConsistentHash, IpHash, Sticky
 from lbapp.backend import Backend
+from lbapp.balancers import RoundRobin
+from lbapp.hashing import ConsistentHash, IpHash, Sticky
+from lbapp.policy import RequestInfo
 from lbapp.pool import Pool
 from lbapp.settings import BackendSpec
 

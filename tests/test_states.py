@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from lbapp.backend import DRAINING, EJECTED, HEALTHY, UNHEALTHY
 from lbapp.balancers import LeastConn, WeightedRoundRobin
 from lbapp.policy import RequestInfo
-from lbapp.backend import DRAINING, EJECTED, HEALTHY, UNHEALTHY
 from lbapp.pool import Pool
 from lbapp.settings import BackendSpec
 from lbapp.views import Samples
