@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from lbapp.connection import Connection, ResponseBody
+from lbapp.connection import Connection
+from lbapp.connection_pool import ResponseBody
 from lbapp.transport import LeanTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -230,7 +231,7 @@ def test_upload_write_backpressure_and_write_timeout(run: Any) -> None:
             assert time.monotonic() - start < 5
             assert info.value.request_sent is True  # type: ignore[attr-defined]
             assert produced < 128 << 20  # stopped pulling the stream while the socket was full
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -365,8 +366,8 @@ def test_download_backpressure_keeps_buffer_bounded(run: Any) -> None:
             t = LeanTransport()
             response = await t.handle_async_request(req(b.url()))
             stream = response.stream
-            assert isinstance(stream, ResponseBody) and stream._conn is not None
-            conn = stream._conn
+            assert isinstance(stream, ResponseBody) and stream.connection is not None
+            conn = stream.connection
             received, peak, paused = 0, 0, False
             async for chunk in response.aiter_raw():
                 received += len(chunk)
@@ -376,7 +377,7 @@ def test_download_backpressure_keeps_buffer_bounded(run: Any) -> None:
             assert received == size
             assert paused
             assert peak <= 256 * 1024 + 256 * 1024  # high-water mark plus at most one socket read
-            assert b.connections == 1 and len(t._pools[b.key()].idle) == 1
+            assert b.connections == 1 and len(t.origin_pool(*b.key()).idle) == 1
             await t.aclose()
 
     run(main())
@@ -407,7 +408,7 @@ def test_keepalive_expiry_and_max_keepalive(run: Any) -> None:
         async with Backend(split_ok(finish)) as b:
             t = LeanTransport(max_keepalive=1, keepalive_expiry=4.0)
             await fetch(t, req(b.url()))
-            pool = t._pools[b.key()]
+            pool = t.origin_pool(*b.key())
             pool.idle[0].idle_since -= 5.0  # pretend it idled past keepalive_expiry
             await fetch(t, req(b.url()))
             assert b.connections == 2
@@ -433,7 +434,7 @@ def test_idle_connection_closed_by_server_is_not_reused(run: Any) -> None:
         async with Backend(handler) as b:
             t = LeanTransport()
             await fetch(t, req(b.url()))
-            conn = t._pools[b.key()].idle[0]
+            conn = t.origin_pool(*b.key()).idle[0]
             await b.closed.wait()
             for _ in range(1000):  # the EOF reaches the client protocol within a few loop iterations
                 if conn.closed:
@@ -460,7 +461,7 @@ def test_pool_timeout_and_fifo_handoff(run: Any) -> None:
             assert info.value.request_sent is False  # type: ignore[attr-defined]
             waiters = [asyncio.ensure_future(fetch(t, req(b.url()))) for _ in range(3)]
             await asyncio.sleep(0)
-            assert sum(not fut.done() for fut in t._pools[b.key()].waiters) == 3
+            assert t.origin_pool(*b.key()).waiting == 3
             cancelled = asyncio.ensure_future(fetch(t, req(b.url())))
             await asyncio.sleep(0)
             cancelled.cancel()  # a waiter that gives up must not swallow the hand-off
@@ -488,7 +489,7 @@ def test_unread_response_closes_the_socket(run: Any) -> None:
             response = await t.handle_async_request(req(b.url()))
             await response.aclose()
             await b.closed.wait()  # the server saw the socket close
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -536,7 +537,7 @@ def test_stale_keepalive_with_body_is_not_retried(run: Any) -> None:
             assert str(info.value) == "Server disconnected without sending a response."
             assert info.value.request_sent is True  # type: ignore[attr-defined]
             assert info.value.request.method == "POST"
-            assert b.connections == 1 and t._pools[b.key()].total == 0
+            assert b.connections == 1 and t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -568,7 +569,7 @@ def test_connect_error_has_request_sent_false(run: Any) -> None:
         with pytest.raises(httpx.ConnectError) as info:
             await t.handle_async_request(req(f"http://127.0.0.1:{port}/"))
         assert info.value.request_sent is False  # type: ignore[attr-defined]
-        assert t._pools[("http", "127.0.0.1", port)].total == 0
+        assert t.origin_pool("http", "127.0.0.1", port).total == 0
         await t.aclose()
 
     run(main())
@@ -600,7 +601,7 @@ def test_connect_timeout(run: Any) -> None:
                 await t.handle_async_request(req(f"http://127.0.0.1:{port}/"))
             assert 0.15 < time.monotonic() - start < 2
             assert info.value.request_sent is False  # type: ignore[attr-defined]
-            assert t._pools[("http", "127.0.0.1", port)].total == 0
+            assert t.origin_pool("http", "127.0.0.1", port).total == 0
             await t.aclose()
 
         run(main())
@@ -625,7 +626,7 @@ def test_disconnect_mid_body_raises_from_the_iterator(run: Any) -> None:
                 async for chunk in response.aiter_raw():
                     got += chunk
             assert got == b"0123456789"
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -642,7 +643,7 @@ def test_malformed_response_is_a_protocol_error(run: Any, raw: bytes) -> None:
             t = LeanTransport()
             with pytest.raises(httpx.RemoteProtocolError):
                 await fetch(t, req(b.url()))
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -664,7 +665,7 @@ def test_read_timeout_for_headers_and_body(run: Any) -> None:
                     await fetch(t, req(b.url(path)))
                 assert 0.15 < time.monotonic() - start < 1.5
                 assert info.value.request_sent is True  # type: ignore[attr-defined]
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
             async with httpx.AsyncClient(transport=LeanTransport(), timeout=httpx.Timeout(5, read=0.2)) as c:
                 start = time.monotonic()
@@ -694,7 +695,7 @@ def test_cancellation_closes_the_connection(run: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             await b.closed.wait()
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
 
             got_request.clear()
             b.closed.clear()
@@ -706,7 +707,7 @@ def test_cancellation_closes_the_connection(run: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await reading
             await b.closed.wait()
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
