@@ -7,7 +7,6 @@ so no pytest-asyncio configuration is needed and nothing can hang.
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import socket
 import ssl
@@ -23,88 +22,17 @@ from lbapp.connection import Connection
 from lbapp.connection_pool import ResponseBody
 from lbapp.transport import LeanTransport
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+from .rawbackend import OK, AsyncBackend, Handler, keep_alive, loop_factories, read_request
+
 DEADLINE = 10.0
+Backend = AsyncBackend
 
 
-def _loop_factories() -> list[Any]:
-    params: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return params
-    return [*params, pytest.param(uvloop.new_event_loop, id="uvloop")]
-
-
-@pytest.fixture(params=_loop_factories())
+@pytest.fixture(params=loop_factories())
 def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
     """Run a coroutine to completion on the parametrised loop, bounded by DEADLINE seconds."""
     with asyncio.Runner(loop_factory=request.param) as runner:
         yield lambda coro: runner.run(asyncio.wait_for(coro, DEADLINE))
-
-
-class Backend:
-    """An asyncio server; ``handler(reader, writer, n)`` runs for the n-th accepted connection."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.port = 0
-        self.closed = asyncio.Event()  # set each time a connection handler returns
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for writer in self._writers:
-            writer.close()
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.append(writer)
-        try:
-            await self.handler(reader, writer, self.connections)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # peer went away, or the test loop is shutting down
-        finally:
-            writer.close()
-            self.closed.set()
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def key(self) -> tuple[str, str, int]:
-        return ("http", "127.0.0.1", self.port)
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    """Read one request (head and body) and return its exact wire bytes."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        while True:
-            size = await reader.readuntil(b"\r\n")
-            head += size + await reader.readexactly(int(size, 16) + 2)
-            if int(size, 16) == 0:
-                return head
-    match = re.search(rb"content-length: *(\d+)", lower)
-    return head + (await reader.readexactly(int(match.group(1))) if match else b"")
-
-
-def keep_alive(response: bytes) -> Handler:
-    """Answer every request on the connection with the same bytes."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(response)
-            await writer.drain()
-
-    return handler
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -113,9 +41,6 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: in
         raw = await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(raw), raw))
         await writer.drain()
-
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def split_ok(finish: asyncio.Event) -> Handler:
