@@ -175,6 +175,8 @@ class RawBackend:
 
     def __exit__(self, *exc: object) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         with self._lock:
             connections = list(self.connections)
