@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import struct
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -145,6 +146,11 @@ class RawConnection:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def reset(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0) instead of a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
 
 class RawBackend:
