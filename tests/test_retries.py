@@ -218,4 +218,4 @@ def test_retry_budget_stops_a_retry_storm(budget: float, retries: int, denied: i
         refused = samples.total("lb_retries_total", reason="budget_exhausted")
         assert (samples.total("lb_retries_total") - refused, refused) == (retries, denied)
         assert document["retry_attempts"] == retries  # /lb-metrics counts attempts, not refusals
-        assert server.app.state.proxy.retrying == 0  # every slot was given back
+        assert server.app.state.proxy.budget.retrying == 0  # every slot was given back
