@@ -5,9 +5,11 @@ coroutine waiting on the connection; body bytes are buffered up to a high-water 
 socket stops being read until the consumer drains them (download back-pressure).
 
 Response framing is strict, because a backend's bytes are untrusted: parsing stops at the end of
-the final response, and any byte after it (in the same read or later, while the connection is idle)
-closes the connection instead of being parsed into this response or the next one. A status outside
-100-599 is a protocol error. The pool (connection_pool.py) decides reuse; this module only reports.
+the final response, and any byte after it (in the same read, or later, while the connection is
+idle) closes the connection instead of being parsed into this response or the next one. The one
+exception is llhttp's: bare CR/LF right after a response in the same read are skipped (RFC 9112
+§2.2 robustness) and parsed into nothing. A status outside 100-599 is a protocol error. The pool
+(connection_pool.py) decides reuse from what this module reports (done, keep_alive, closed).
 """
 
 from __future__ import annotations
