@@ -37,7 +37,7 @@ def replayable(request: httpx.Request) -> bool:
     """Safe to send again after it may have reached the server (Go's ``Request.isReplayable``)."""
     if request.method in REPLAYABLE_METHODS:
         return True
-    return any(name.lower() == b"idempotency-key" for name, _ in request.headers.raw)
+    return any(name.lower() == b"idempotency-key" and value.strip() for name, value in request.headers.raw)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
