@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from lbapp.connection import Connection
+from lbapp.connection_pool import ResponseBody
 from lbapp.transport import LeanTransport
 
 from .rawbackend import OK, AsyncBackend, Handler, keep_alive, loop_factories, read_request
@@ -146,6 +147,43 @@ def test_late_bytes_on_an_idle_connection_close_it(run: Any) -> None:
             response, body = await fetch(t, req(b.url()))
             assert (body, response.headers.raw) == (b"ok", [(b"Content-Length", b"2")])
             assert b.connections == 2
+            await t.aclose()
+
+    run(main())
+
+
+def test_late_bytes_after_a_complete_response_still_being_read_close_it(run: Any) -> None:
+    """The response is complete but its body not yet consumed (the connection is still held)."""
+
+    async def main() -> None:
+        late = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await late.wait()
+            writer.write(b"2\r\nok\r\n0\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)  # a separate read for the late bytes (not needed to pass)
+            writer.write(INJECTED + b"evil!")
+            while True:
+                await read_request(reader)
+                writer.write(OK)
+
+        async with AsyncBackend(handler) as b:
+            t = LeanTransport()
+            response = await t.handle_async_request(req(b.url()))
+            stream = response.stream
+            assert isinstance(stream, ResponseBody)
+            conn = stream.connection
+            assert conn is not None and not conn.done
+            late.set()
+            await until_closed(conn)
+            assert await response.aread() == b"ok"
+            assert response.headers.raw == [(b"Transfer-Encoding", b"chunked")]
+            _, body = await fetch(t, req(b.url()))
+            assert body == b"ok" and b.connections == 2
             await t.aclose()
 
     run(main())
