@@ -7,7 +7,9 @@ which anyone can send.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from .backend import Backend
 from .cluster import Clusters
 from .headers import Networks
 from .pool import Pool
+from .shutdown import Drain
 from .status import STATUS_PAGE
 from .upstream import Upstream
 from .views import Metrics
@@ -95,11 +98,19 @@ def route(path: str, endpoint: Callable[[Request], Awaitable[Response]], method:
 class AdminEndpoints:
     """The endpoints, bound to the app's clusters, metrics and upstream client."""
 
-    def __init__(self, clusters: Clusters, metrics: Metrics, upstream: Upstream, guard: AdminGuard) -> None:
+    def __init__(
+        self,
+        clusters: Clusters,
+        metrics: Metrics,
+        upstream: Upstream,
+        guard: AdminGuard,
+        drain: Drain | None = None,
+    ) -> None:
         self.clusters = clusters
         self.metrics = metrics
         self.upstream = upstream
         self.guard = guard
+        self.drain = drain or Drain()
 
     def routes(self, metrics_path: str, json_path: str, status_path: str) -> list[BaseRoute]:
         """Starlette routes for every endpoint whose path is set (an empty path turns one off)."""
@@ -119,7 +130,10 @@ class AdminEndpoints:
     async def lb_metrics(self, request: Request) -> Response:
         if not self.guard.may_read(request):
             return FORBIDDEN
-        return json_response(self.metrics.lb_metrics())
+        document = self.metrics.lb_metrics()
+        # This worker's own counts (not summed over workers): what a soak watches for leaks.
+        document["process"] = {"pid": os.getpid(), "asyncio_tasks": len(asyncio.all_tasks())}
+        return json_response(document)
 
     async def status(self, request: Request) -> Response:
         if not self.guard.may_read(request):
@@ -152,6 +166,7 @@ class AdminEndpoints:
     async def ready(self, request: Request) -> Response:
         # Envoy's /ready: started and serving, whatever the backends' health (an LB with every
         # backend down still answers 503 and serves /metrics; restarting it would fix nothing).
-        ok = self.upstream.started
+        # Draining (shutdown.py): not ready from the first SIGTERM on, while still serving.
+        ok = self.upstream.started and not self.drain.draining
         healthy = sum(len(cluster.pool.eligible) for cluster in self.clusters)
         return json_response({"ready": ok, "healthy_backends": healthy}, 200 if ok else 503)

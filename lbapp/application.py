@@ -27,6 +27,7 @@ from .observe import AccessLog
 from .proxy import Proxy
 from .retry import RetryBudget, RetryPolicy
 from .settings import Settings, load_settings
+from .shutdown import Drain
 from .upstream import Upstream
 from .views import Metrics
 
@@ -88,8 +89,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         timeout=settings.health_timeout,
     )
     metrics = Metrics(stats, clusters, multiproc_dir())
+    drain = Drain(settings.shutdown_delay)
     admin = AdminEndpoints(
-        clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
+        clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow), drain
     )
 
     async def tick() -> None:
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         upstream.start()
+        drain.install()  # SIGTERM: /lb-ready fails first, uvicorn stops accepting after the delay
         if proxy.access_log is not None:
             proxy.access_log.start()  # the entry point has configured logging by now
         metrics.tick()  # the status page's first point; this worker's multiprocess files exist
@@ -115,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            drain.uninstall()
             for running in tasks:
                 running.cancel()
             for running in tasks:
@@ -134,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
+    app.state.drain = drain
     return app
 
 

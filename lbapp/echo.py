@@ -5,7 +5,10 @@
 Every path answers JSON `{"server", "method", "path", "query", "headers", "body_bytes"}`.
 Test helpers: `/health`; `/bytes/N` streams N bytes; `/status/N` answers status N;
 `/cookies` sets two cookies; `/redirect` answers 302; `/gzip` answers a gzip-encoded body;
-`/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering.
+`/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering;
+`/mirror` answers the request body itself (with `x-body-sha256` and `x-body-bytes` of what was
+received); `/random/N/SEED` streams N pseudo-random bytes that depend only on SEED (`random_bytes`),
+so a client can check both directions of an exchange byte for byte.
 `--fail` makes every answer (health included) a 500; `--latency` delays every answer;
 `--flap` makes every other `/health` answer a 500; `--id-log FILE` appends `METHOD ID` for every
 request carrying an `X-Request-ID`, written before the answer, so the record survives a SIGKILL
@@ -20,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import socket
 from typing import Any
 
@@ -58,12 +62,16 @@ class EchoApp:
             return
         body_bytes = 0
         digest = hashlib.sha256()
+        received: list[bytes] = []
+        mirror = scope["path"] == "/mirror"
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body_bytes += len(message.get("body", b""))
             digest.update(message.get("body", b""))
+            if mirror:
+                received.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         if self.latency:
@@ -85,6 +93,10 @@ class EchoApp:
                 await self._send(send, 500, b'{"status": "flapping"}')
                 return
             await self._send(send, 200, b'{"status": "ok"}')
+            return
+        if path == "/mirror":
+            extra = [(b"x-body-sha256", digest.hexdigest().encode()), (b"x-body-bytes", b"%d" % body_bytes)]
+            await self._send(send, 200, b"".join(received), extra, b"application/octet-stream")
             return
         special = await self._special(path, send)
         if special:
@@ -126,6 +138,9 @@ class EchoApp:
             await send(start)
             await send({"type": "http.response.body", "body": b"x" * length, "more_body": True})
             return True  # returning mid-response makes uvicorn close the connection
+        elif head == "random" and arg.isdigit() and len(parts) == 3:
+            body = random_bytes(int(arg), parts[2])
+            await self._send(send, 200, body, None, b"application/octet-stream")
         elif head == "sleep":
             await asyncio.sleep(float(arg or 1))
             await self._send(send, 200, b"slept\n")
@@ -133,9 +148,16 @@ class EchoApp:
             return False
         return True
 
-    async def _send(self, send: Any, status: int, body: bytes, extra: list[Any] | None = None) -> None:
+    async def _send(
+        self,
+        send: Any,
+        status: int,
+        body: bytes,
+        extra: list[Any] | None = None,
+        content_type: bytes = b"application/json",
+    ) -> None:
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", content_type),
             (b"x-backend", self.name.encode()),
         ]
         if status not in (204, 304):
@@ -154,6 +176,11 @@ class EchoApp:
             await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
         if size == 0:
             await send({"type": "http.response.body", "body": b""})
+
+
+def random_bytes(size: int, seed: str) -> bytes:
+    """`/random/SIZE/SEED`'s body: the same bytes for the same seed, in any process."""
+    return random.Random(seed).randbytes(size)
 
 
 def main(argv: list[str] | None = None) -> None:
