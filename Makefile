@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 UVICORN_FLAGS := --loop uvloop --http httptools --no-access-log --no-server-header --no-date-header \
 	--no-proxy-headers --timeout-graceful-shutdown 30
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,9 @@ clean:
 # wrk benchmark of lbapp (1 and 2 workers) against the backend alone; see bench/README.md.
 bench: $(STAMP)
 	PYTHON=$(BIN)/python LB_EXTRA_ARGS=--no-proxy-headers bench/run.sh
+
+# Soak test (not in CI): SOAK_SECONDS (default 600) of load with backends killed and restarted and
+# clients aborting; CSV and PNG in bench/results/, non-zero exit if RSS or fds grow > 5%.
+soak: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	$(BIN)/python bench/soak.py --duration $${SOAK_SECONDS:-600} $(SOAK_ARGS)
