@@ -143,7 +143,8 @@ def test_every_exchange_is_intact_or_an_explicit_failure(echo_factory: Any, tmp_
         state = server.app.state.clusters.default.pool.backends[1]
         with Load(server.url) as load:
             load.more(60)
-            for _ in range(2):  # killed and restarted twice, under load
+            for _ in range(2):  # killed and restarted twice, under load, with exchanges in flight
+                wait_until(lambda: state.in_flight > 0, timeout=15, interval=0.001)
                 victim.kill()
                 wait_until(lambda: state.state == UNHEALTHY, timeout=15)
                 load.more(40)
