@@ -113,7 +113,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         configure_logging(settings)
         config = server_config(settings, args, create_app(settings))
         server = uvicorn.Server(config)
-        server.run()
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
+            server.run()
         return 0 if server.started else 3  # 3: uvicorn's own start-up failure code
     # Several workers: each builds its own app (worker_app); this process only supervises. The
     # configuration is proved here first, so a bad one fails once, with its one line.
@@ -125,7 +126,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         own_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="lbapp-metrics-")
     try:
         config = server_config(settings, args, "lbapp.cli:worker_app")
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        with contextlib.suppress(KeyboardInterrupt):
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
