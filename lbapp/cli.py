@@ -113,8 +113,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         configure_logging(settings)
         config = server_config(settings, args, create_app(settings))
         server = uvicorn.Server(config)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
-            server.run()
+        try:
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
+                server.run()
+        finally:
+            remove_socket_file(args)
         return 0 if server.started else 3  # 3: uvicorn's own start-up failure code
     # Several workers: each builds its own app (worker_app); this process only supervises. The
     # configuration is proved here first, so a bad one fails once, with its one line.
@@ -131,9 +134,13 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
-        if args.uds and os.path.exists(args.uds):
-            os.remove(args.uds)
+        remove_socket_file(args)
     return 0
+
+
+def remove_socket_file(args: argparse.Namespace) -> None:
+    if args.uds and os.path.exists(args.uds):
+        os.remove(args.uds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

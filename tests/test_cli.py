@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -160,6 +161,57 @@ def test_two_workers_serve_with_the_hardened_protocol() -> None:
         with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
             sock.settimeout(10)
             assert sock.recv(1024).startswith(b"HTTP/1.1 408 ")
+    finally:
+        lb.stop()
+        backend.stop()
+
+
+def test_serves_on_a_unix_socket_and_removes_it(tmp_path: Path) -> None:
+    backend = EchoBackend("backend-1").start()
+    path = tmp_path / "lbapp.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LB_")}
+    env.update({"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60"})
+    proc = subprocess.Popen([sys.executable, "-m", "lbapp", "--uds", str(path)], cwd=ROOT, env=env)
+    try:
+        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=5)
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"lbapp exited with {proc.returncode}")
+            try:
+                return client.get("http://lbapp/over-uds").json()["path"] == "/over-uds"
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, timeout=30)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        backend.stop()
+
+
+def test_graceful_timeout_bounds_the_shutdown(tmp_path: Path) -> None:
+    """SIGTERM with a request in flight for 60 s: the process ends after LB_GRACEFUL_TIMEOUT (1 s),
+    not after the request (uvicorn alone waits for it)."""
+    ids = tmp_path / "ids.log"
+    backend = EchoBackend("backend-1", "--id-log", str(ids)).start()
+    env = {"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60", "LB_GRACEFUL_TIMEOUT": "1"}
+    env["LB_UPSTREAM_TIMEOUT"] = "120"
+    lb = LauncherProcess(env)
+    try:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
+            sock.sendall(b"GET /sleep/60 HTTP/1.1\r\nHost: lb.test\r\nX-Request-ID: slow-1\r\n\r\n")
+            # In flight once the backend has it (it logs the id before it sleeps).
+            wait_until(lambda: ids.exists() and "slow-1" in ids.read_text(), timeout=15)
+            start = time.monotonic()
+            lb.proc.send_signal(signal.SIGTERM)
+            lb.proc.wait(timeout=30)
+            assert time.monotonic() - start < 30  # far below the request's 60 s
     finally:
         lb.stop()
         backend.stop()
