@@ -1,4 +1,4 @@
-"""lbapp: an HTTP load balancer served by uvicorn (`lbapp`, the launcher; or `uvicorn lbapp:app`)."""
+"""lbapp: an HTTP load balancer served by uvicorn (`uvicorn lbapp:app`)."""
 
 from __future__ import annotations
 
