@@ -8,6 +8,7 @@ machine only makes answers later); everything else is a poll with a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -269,3 +270,14 @@ def test_launcher_survives_the_abuse(lb: LauncherProcess) -> None:
         sock.sendall(get("/still-here"))
         assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
     assert os.path.exists(f"/proc/{lb.proc.pid}")
+
+
+def test_uvicorn_does_not_rewrite_the_client_address(lb: LauncherProcess) -> None:
+    """uvicorn's proxy-header handling is off: a client on 127.0.0.1 cannot set its address with
+    X-Forwarded-For (lbapp, trusting no proxy by default, replaces it with the TCP peer)."""
+    with connect(lb) as sock:
+        sock.sendall(get("/who", extra=b"X-Forwarded-For: 203.0.113.9\r\n"))
+        status, _, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    received = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+    assert received["x-forwarded-for"] == "127.0.0.1", received
