@@ -74,6 +74,22 @@ class _Rejected(Exception):
 class HardenedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with the head timeout (408) and the head size and count limits (431)."""
 
+    # Slots, not instance-dict entries: uvicorn's protocol already holds ~28 attributes, and an
+    # instance dict past CPython's shared-key limit (30) loses its fastest attribute access.
+    __slots__ = (
+        "ended_in_read",
+        "head_bytes",
+        "head_deadline",
+        "head_timeout",
+        "head_timer",
+        "head_wire",
+        "in_head",
+        "in_message",
+        "max_head_size",
+        "max_header_count",
+        "rejected",
+    )
+
     def __init__(
         self,
         config: uvicorn.Config,
@@ -192,7 +208,12 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
                 self.rejected = 431
                 self.transport.close()
             raise _Rejected
-        super().on_header(name, value)
+        # uvicorn's on_header, inlined (it runs once per header of every request).
+        name = name.lower()
+        value = value.rstrip(b" \t")  # trailing OWS is not part of the value (RFC 9110 §5.5)
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
