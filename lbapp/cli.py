@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -39,10 +40,14 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEEP_ALIVE = 5
 
 
+def setup_logging(settings: Settings) -> None:
+    configure_logging(settings.debug, settings.access_log, settings.log_format)
+
+
 def worker_app() -> Any:
     """The app factory each worker of `--workers N` calls: settings, logging, app."""
     settings = load_settings()
-    configure_logging(settings)
+    setup_logging(settings)
     return create_app(settings)
 
 
@@ -108,16 +113,24 @@ def server_config(settings: Settings, args: argparse.Namespace, app: Any) -> Ser
     )
 
 
+class Server(uvicorn.Server):
+    """uvicorn's Server, removing its `--uds` socket file once shut down: uvicorn re-raises the
+    SIGTERM it caught right after, which ends the process before any code after `run()`."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.config.uds:  # once, at shutdown: a blocking unlink does not matter here
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.uds)
+
+
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.workers == 1:
-        configure_logging(settings)
+        setup_logging(settings)
         config = server_config(settings, args, create_app(settings))
-        server = uvicorn.Server(config)
-        try:
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
-                server.run()
-        finally:
-            remove_socket_file(args)
+        server = Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
+            server.run()
         return 0 if server.started else 3  # 3: uvicorn's own start-up failure code
     # Several workers: each builds its own app (worker_app); this process only supervises. The
     # configuration is proved here first, so a bad one fails once, with its one line.

@@ -254,9 +254,10 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
 
     def answer(self, status: int) -> None:
         """Write a short `status` answer, half-close, drop what the client still sends, close."""
-        body = http.HTTPStatus(status).phrase.encode("ascii")
+        # The shape of lbapp's other answers (lbapp/answers.py): `{"error": "request timeout"}`.
+        body = b'{"error": "%s"}' % http.HTTPStatus(status).phrase.lower().encode("ascii")
         head = (
-            b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
             b"date: %s\r\n\r\n" % (len(body), formatdate(usegmt=True).encode("ascii"))
         )
         self.transport.write(STATUS_LINE[status] + head + body)

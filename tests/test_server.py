@@ -134,7 +134,8 @@ def assert_closed_with(answer: bytes, status: bytes) -> None:
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"\r\nconnection: close" in head.lower(), head
-    assert 0 < len(body) < 100, body  # a short text body, never a traceback
+    assert json.loads(body)["error"], body  # lbapp's short JSON error, never a traceback
+    assert len(body) < 100 and len(answer.split(b"HTTP/1.1 ")) == 2, answer  # one answer only
 
 
 def test_defaults_match_the_settings() -> None:
