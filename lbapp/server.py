@@ -56,7 +56,7 @@ class HeadLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HeadLimits:
-        return cls(settings.client_header_timeout, settings.max_header_size, settings.max_header_count)
+        return cls(settings.client_header_timeout, int(settings.max_header_size), settings.max_header_count)
 
 
 class ServerConfig(uvicorn.Config):
@@ -229,8 +229,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         if self.rejected and not self.pipeline:
             # Every response before the rejected request is written: now its answer.
             self.server_state.total_requests += 1
-            if not self.transport.is_closing():
-                self.answer(self.rejected)
+            self.answer(self.rejected)
             return
         super().on_response_complete()
         if (
@@ -247,13 +246,27 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         """End the connection with `status`, once the responses to earlier requests are written."""
         self.rejected = status
         self.head_deadline = 0.0
-        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+        cycle = self.cycle
+        if self.in_message and not self.in_head and cycle is not None and not cycle.response_complete:
+            # Bad bytes in the body of a request being answered: that exchange is over. Its app
+            # sees a disconnect and its sends are dropped; the client gets the answer, or (with
+            # a response already begun or queued behind) a close.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started or self.pipeline:
+                self.transport.close()
+            else:
+                self.answer(status)
+            return
+        if self.pipeline or (cycle is not None and not cycle.response_complete):
             self.flow.pause_reading()  # on_response_complete answers when they are done
             return
         self.answer(status)
 
     def answer(self, status: int) -> None:
         """Write a short `status` answer, half-close, drop what the client still sends, close."""
+        if self.transport.is_closing():
+            return
         # The shape of lbapp's other answers (lbapp/answers.py): `{"error": "request timeout"}`.
         body = b'{"error": "%s"}' % http.HTTPStatus(status).phrase.lower().encode("ascii")
         head = (

@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -253,27 +254,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is already LB_{other.upper()}")
         return value
 
-    # --- server (launcher and protocol) ---
-    # Read by the launcher (`lbapp`, lbapp/cli.py) and its HTTP protocol (lbapp/server.py) only;
-    # `uvicorn lbapp:app` takes its address from its own flags and has none of these limits.
+    # --- server (launcher and protocol): read by `lbapp` (cli.py) and its protocol (server.py) ---
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=512)
     graceful_timeout: Seconds = 30.0
     client_header_timeout: Seconds = 10.0
-    max_header_size: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    max_header_size: ByteSize = Field(default=ByteSize(32 * 1024), ge=1024, le=1024 * 1024)
     max_header_count: int = Field(default=100, ge=1, le=10_000)
-
-    @field_validator("max_header_size", mode="before")
-    @classmethod
-    def _parse_header_size(cls, value: Any) -> Any:
-        """Bytes: `32768`, `32KiB`, `32k`, `1MiB`."""
-        if isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)(?:i?[bB])?\s*", value)
-            if match is None:
-                raise ValueError("expected a number of bytes, e.g. 32768, 32KiB or 1MiB")
-            return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
-        return value
 
     @field_validator("host")
     @classmethod

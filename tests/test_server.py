@@ -271,6 +271,16 @@ def test_malformed_request_gets_400_and_closes(lb: LauncherProcess) -> None:
         assert_closed_with(read_until_closed(sock), b"400")
 
 
+def test_malformed_chunked_body_gets_400_and_closes(lb: LauncherProcess) -> None:
+    """The request is already with the app (streaming to the backend) when its body turns bad."""
+    with connect(lb) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"5\r\nhello\r\n")
+        time.sleep(0.2)  # let the app start the upstream request (the test holds either way)
+        sock.sendall(b"zz\r\nnot a chunk\r\n")
+        assert_closed_with(read_until_closed(sock), b"400")
+
+
 def test_launcher_survives_the_abuse(lb: LauncherProcess) -> None:
     """After every test above, the same process still serves (no dead worker)."""
     assert lb.proc.poll() is None
