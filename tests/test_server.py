@@ -173,6 +173,18 @@ def test_keep_alive_next_head_trickled_gets_408(lb: LauncherProcess) -> None:
     assert_closed_with(first + rest, b"408")
 
 
+def test_blank_lines_do_not_keep_an_idle_connection_open(lb: LauncherProcess) -> None:
+    """CRLFs between requests (which parsers skip) reset uvicorn's keep-alive timer each time;
+    the head timer counts them as the start of a head that never completes."""
+    with connect(lb) as sock:
+        sock.sendall(get("/first"))
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
+        first, elapsed = trickle_until_answered(sock, b"\r\n" * 20, 15)
+        rest = read_until_closed(sock)
+    assert elapsed <= HEADER_TIMEOUT + 1, elapsed
+    assert_closed_with(first + rest, b"408")
+
+
 def test_idle_keep_alive_connection_is_closed_silently_by_uvicorn(lb: LauncherProcess) -> None:
     """Between two requests the idle timeout is uvicorn's keep-alive (5 s): a close, no 408."""
     with connect(lb) as sock:
