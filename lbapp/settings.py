@@ -18,7 +18,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -43,6 +42,7 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .server_settings import ServerSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -108,7 +108,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class Settings(ServerSettings):  # server_settings.py: the launcher's and its protocol's fields
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
@@ -272,25 +272,6 @@ class Settings(BaseSettings):
             if other != info.field_name and info.data.get(other) == value:
                 raise ValueError(f"{value!r} is already LB_{other.upper()}")
         return value
-
-    # --- server (launcher and protocol): read by `lbapp` (cli.py) and its protocol (server.py) ---
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1, le=512)
-    graceful_timeout: Seconds = 30.0
-    client_header_timeout: Seconds = 10.0
-    max_header_size: ByteSize = Field(default=ByteSize(32 * 1024), ge=1024, le=1024 * 1024)
-    max_header_count: int = Field(default=100, ge=1, le=10_000)
-
-    @field_validator("host")
-    @classmethod
-    def _check_host(cls, value: str) -> str:
-        value = value.strip().removeprefix("[").removesuffix("]")
-        if not value or any(c in value for c in "/ \t?#@"):
-            raise ValueError("expected an IP address or host name to listen on, e.g. 0.0.0.0 or ::")
-        return value
-
-    # --- end server ---
 
     @classmethod
     def settings_customise_sources(
