@@ -27,7 +27,6 @@ import asyncio
 import http
 import logging
 from dataclasses import dataclass
-from email.utils import formatdate
 from typing import Any
 
 import httptools
@@ -35,7 +34,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from .settings import Settings
+from .answers import http_date
+from .server_settings import ServerSettings
 
 logger = logging.getLogger("lbapp.server")
 
@@ -55,7 +55,7 @@ class HeadLimits:
     max_count: int = 100
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HeadLimits:
+    def from_settings(cls, settings: ServerSettings) -> HeadLimits:
         return cls(settings.client_header_timeout, int(settings.max_header_size), settings.max_header_count)
 
 
@@ -271,7 +271,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         body = b'{"error": "%s"}' % http.HTTPStatus(status).phrase.lower().encode("ascii")
         head = (
             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
-            b"date: %s\r\n\r\n" % (len(body), formatdate(usegmt=True).encode("ascii"))
+            b"date: %s\r\n\r\n" % (len(body), http_date())
         )
         self.transport.write(STATUS_LINE[status] + head + body)
         if self.head_timer is not None:

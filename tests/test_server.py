@@ -134,6 +134,7 @@ def assert_closed_with(answer: bytes, status: bytes) -> None:
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"\r\nconnection: close" in head.lower(), head
+    assert head.lower().count(b"\r\ndate: ") == 1, head  # RFC 9110 §6.6.1: exactly one Date
     assert json.loads(body)["error"], body  # lbapp's short JSON error, never a traceback
     assert len(body) < 100 and len(answer.split(b"HTTP/1.1 ")) == 2, answer  # one answer only
 
