@@ -218,6 +218,11 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_deadline = 0.0
+        if self.url[:1] != b"/" and self.url != b"*":  # absolute-form: its authority is the Host
+            parsed = httptools.parse_url(self.url)  # (RFC 9112 §3.2.2); llhttp validated the URL
+            if parsed.host:
+                host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+                self.headers[:] = [*(h for h in self.headers if h[0] != b"host"), (b"host", host)]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -312,3 +312,15 @@ def test_uvicorn_does_not_rewrite_the_client_address(lb: LauncherProcess) -> Non
     assert status.startswith(b"HTTP/1.1 200"), status
     received = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
     assert received["x-forwarded-for"] == "127.0.0.1", received
+
+
+def test_absolute_form_authority_replaces_host(lb: LauncherProcess) -> None:
+    """RFC 9112 §3.2.2: a proxy receiving an absolute-form target uses its authority as Host."""
+    with connect(lb) as sock:
+        sock.sendall(b"GET http://example.test:8081/abs?q=1 HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    seen = json.loads(body)
+    assert (seen["raw_path"], seen["query"]) == ("/abs", "q=1")
+    assert seen["headers"]["host"] == "example.test:8081"
+    assert seen["headers"]["x-forwarded-host"] == "example.test:8081"
