@@ -23,6 +23,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
 from .headers import filter_response_headers
+from .settings import Settings
 
 Scope = dict[str, Any]
 Send = Any
@@ -63,6 +64,16 @@ class WebSocketConfig:
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     max_queue: int = 16  # frames a backend may send ahead of a slow client (then TCP pushes back)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebSocketConfig:
+        return cls(
+            max_message=settings.websocket_max_message,
+            idle_timeout=settings.websocket_idle_timeout,
+            ping_interval=settings.websocket_ping_interval,
+            connect_timeout=settings.connect_timeout,
+            handshake_timeout=settings.upstream_timeout,
+        )
 
 
 class Unreachable(Exception):
