@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
@@ -28,6 +28,8 @@ from .retry import RetryBudget, RetryPolicy
 from .settings import Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
+from .wsproxy import WebSocketProxy
+from .wsupstream import WebSocketConfig
 
 logger = logging.getLogger("lbapp")
 
@@ -118,6 +120,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
+        # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
+        WebSocketRoute(
+            "/{path:path}", WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), stats.websocket)
+        ),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
