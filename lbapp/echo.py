@@ -10,8 +10,9 @@ Test helpers: `/health`; `/bytes/N` streams N bytes; `/status/N` answers status 
 before sending two more (so a test can tell event-by-event streaming from buffering).
 WebSocket (any path): echoes text and binary messages; offers subprotocols `echo.v2`, `echo.v1` (in
 that order of preference, from those the client offered); text commands `!info` (the handshake as
-JSON), `!close CODE REASON`, `!flood N SIZE` (N binary messages); `/ws/close/CODE?reason=R` closes
-right after accepting; `/ws/refuse/STATUS` refuses the handshake with that HTTP status and a body.
+JSON), `!close CODE REASON`, `!flood N SIZE` (N binary messages), `!stall S` (read nothing for S
+seconds); `/ws/close/CODE?reason=R` closes right after accepting; `/ws/refuse/STATUS` refuses
+the handshake with that HTTP status and a body.
 `/ws-closes` (HTTP) lists the close codes and reasons received from WebSocket clients.
 `--fail` makes every answer (health included) a 500; `--latency` delays every answer;
 `--flap` makes every other `/health` answer a 500; `--id-log FILE` appends `METHOD ID` for every
@@ -246,6 +247,8 @@ class EchoApp:
             reason = words[2] if len(words) > 2 else ""
             await send({"type": "websocket.close", "code": int(words[1]), "reason": reason})
             return True
+        elif words[0] == "stall" and len(words) > 1:  # stop reading: lets the client's sends back up
+            await asyncio.sleep(float(words[1]))
         elif words[0] == "flood" and len(words) > 2 and words[1].isdigit() and words[2].isdigit():
             payload = b"f" * int(words[2])
             for _ in range(int(words[1])):
