@@ -24,9 +24,11 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/lb-ready', timeout=2)"]
 
 # uvicorn is PID 1 (exec form) and gets SIGTERM itself; --timeout-graceful-shutdown gives
-# in-flight requests 30 s (docker-compose.yml's stop_grace_period is longer, so no SIGKILL first).
+# in-flight requests 30 s (docker-compose.yml's stop_grace_period is longer, so no SIGKILL first)
+# and open WebSocket sessions until then (lbapp.wsserver), when they get 1001.
 STOPSIGNAL SIGTERM
 # The production flags of the Makefile's UVICORN_FLAGS.
 CMD ["uvicorn", "lbapp:app", "--host", "0.0.0.0", "--port", "8080", \
      "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-server-header", \
-     "--no-date-header", "--no-proxy-headers", "--timeout-graceful-shutdown", "30"]
+     "--no-date-header", "--no-proxy-headers", "--timeout-graceful-shutdown", "30", \
+     "--ws", "lbapp.wsserver:GracefulWebSocketProtocol"]

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Server/Date headers of uvicorn's own (the backend's pass through), no X-Forwarded-For
 # rewriting by uvicorn (lbapp resolves the client itself, see LB_TRUSTED_PROXIES).
 UVICORN_FLAGS := --loop uvloop --http httptools --no-access-log --no-server-header --no-date-header \
-	--no-proxy-headers --timeout-graceful-shutdown 30
+	--no-proxy-headers --timeout-graceful-shutdown 30 --ws lbapp.wsserver:GracefulWebSocketProtocol
 
 .PHONY: install test lint demo bench clean
 
