@@ -28,6 +28,7 @@ from .retry import RetryBudget, RetryPolicy
 from .settings import Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
+from .wsmetrics import WebSocketStats
 from .wsproxy import WebSocketProxy
 from .wsupstream import WebSocketConfig
 
@@ -81,6 +82,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         jitter=settings.health_jitter,
         timeout=settings.health_timeout,
     )
+    ws_stats = WebSocketStats()
+    stats.sources.append(ws_stats.families)
+    websocket = WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), ws_stats)
     metrics = Metrics(stats, clusters, multiproc_dir())
     admin = AdminEndpoints(
         clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
@@ -121,14 +125,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
         # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
-        WebSocketRoute(
-            "/{path:path}", WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), stats.websocket)
-        ),
+        WebSocketRoute("/{path:path}", websocket),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.clusters = clusters
     app.state.stats = stats
+    app.state.websocket_stats = ws_stats
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,10 +34,6 @@ from .cluster import Clusters
 # Upper bounds (seconds) of the latency histogram: 1 ms to 10 s, roughly x2.5 apart.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKET_LABELS = (*(repr(b) for b in BUCKETS), "+Inf")  # as prometheus-client writes them
-# WebSocket session durations: 1 s to 4 h.
-SESSION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-SESSION_BUCKET_LABELS = (*(repr(b) for b in SESSION_BUCKETS), "+Inf")
-DIRECTIONS = ("client_to_backend", "backend_to_client")  # lb_websocket_* `direction` label
 # Label values are bounded: an unknown method is "OTHER", a status is its class.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 CODE_CLASSES = ("5xx", "1xx", "2xx", "3xx", "4xx", "5xx")
@@ -103,15 +99,16 @@ class Stats:
         "rate_limited",
         "requests",
         "retries",
+        "sources",
         "started",
         "success",
         "upstream_errors",
-        "websocket",
     )
 
     def __init__(self) -> None:
         self.started = time.time()
-        self.websocket = WebSocketStats()
+        # More families, from other parts (e.g. wsmetrics.WebSocketStats), given the backend labels.
+        self.sources: list[Callable[[list[tuple[str, str]]], list[Family]]] = []
         self.requests = 0  # received by the proxy route
         self.in_flight = 0
         self.success = 0  # answered with a backend's response
@@ -166,73 +163,6 @@ class Stats:
     def retry_denied(self) -> None:
         """A retry that was safe but refused by the retry budget (not an attempt)."""
         self.retries[BUDGET_EXHAUSTED] = self.retries.get(BUDGET_EXHAUSTED, 0) + 1
-
-
-class Relayed(Protocol):
-    """What `WebSocketStats` reads of one WebSocket session (see `websocket.Session`)."""
-
-    messages_in: int  # client -> backend
-    messages_out: int
-    bytes_in: int
-    bytes_out: int
-
-
-class WebSocketStats:
-    """WebSocket sessions: the open ones, whose counters are read live at scrape time (nothing is
-    added per message here), and the totals of the closed ones, by (route, backend)."""
-
-    __slots__ = ("bytes", "durations", "messages", "open", "sessions")
-
-    def __init__(self) -> None:
-        self.open: dict[Relayed, tuple[str, str]] = {}
-        self.sessions: dict[tuple[str, str], int] = {}  # accepted
-        self.messages: dict[tuple[str, str, str], int] = {}  # (route, backend, direction), closed ones
-        self.bytes: dict[tuple[str, str, str], int] = {}
-        self.durations: dict[tuple[str, str], Histogram] = {}
-
-    def opened(self, backend: Backend, session: Relayed) -> None:
-        label = (backend.route, backend.url)
-        self.open[session] = label
-        self.sessions[label] = self.sessions.get(label, 0) + 1
-
-    def closed(self, session: Relayed, seconds: float) -> None:
-        label = self.open.pop(session)
-        self._add(self.messages, label, session.messages_in, session.messages_out)
-        self._add(self.bytes, label, session.bytes_in, session.bytes_out)
-        histogram = self.durations.get(label)
-        if histogram is None:
-            histogram = self.durations[label] = Histogram(SESSION_BUCKETS)
-        histogram.observe(seconds)
-
-    @staticmethod
-    def _add(
-        totals: dict[tuple[str, str, str], int], label: tuple[str, str], inward: int, outward: int
-    ) -> None:
-        for direction, value in zip(DIRECTIONS, (inward, outward), strict=True):
-            key = (*label, direction)
-            totals[key] = totals.get(key, 0) + value
-
-    def families(self, labels: list[tuple[str, str]]) -> list[Family]:
-        by = ("route", "backend")
-        connections = dict.fromkeys(labels, 0)
-        messages, sizes = dict(self.messages), dict(self.bytes)
-        for session, label in self.open.items():
-            connections[label] = connections.get(label, 0) + 1
-            self._add(messages, label, session.messages_in, session.messages_out)
-            self._add(sizes, label, session.bytes_in, session.bytes_out)
-        durations: dict[tuple[str, ...], Any] = {k: (h.counts, h.sum) for k, h in self.durations.items()}
-        return [
-            Family("lb_websocket_connections", "Open WebSocket sessions.", "gauge", by, "livesum",
-                   {k: v for k, v in connections.items()}),
-            Family("lb_websocket_sessions", "WebSocket sessions accepted (the backend answered 101).",
-                   "counter", by, samples={k: v for k, v in self.sessions.items()}),
-            Family("lb_websocket_messages", "WebSocket messages relayed, by direction.", "counter",
-                   (*by, "direction"), samples={k: v for k, v in messages.items()}),
-            Family("lb_websocket_bytes", "WebSocket message payload bytes relayed, by direction.",
-                   "counter", (*by, "direction"), samples={k: v for k, v in sizes.items()}),
-            Family("lb_websocket_duration_seconds", "Duration of closed WebSocket sessions.",
-                   "histogram", by, samples=durations, buckets=SESSION_BUCKET_LABELS),
-        ]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -343,7 +273,7 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
                samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
-        *stats.websocket.families(labels),
+        *(f for source in stats.sources for f in source(labels)),
     ]  # fmt: skip
 
 

@@ -24,12 +24,13 @@ from websockets.exceptions import InvalidStatus
 
 from .admission import Full
 from .backend import Backend
-from .metrics import Stats, WebSocketStats
+from .metrics import Stats
 from .observe import AccessLog
 from .pool import Pool
 from .proxy import Proxy
 from .requestid import HEADER, ensure_request_id
 from .websocket import Session
+from .wsmetrics import WebSocketStats
 from .wsupstream import (
     Unreachable,
     WebSocketConfig,

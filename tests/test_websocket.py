@@ -264,8 +264,8 @@ def test_a_backend_killed_mid_session_closes_the_client_with_1011(echo_factory: 
 
         code, reason = asyncio.run(run())
         assert code == 1011 and reason == "backend connection lost"
-        stats = server.app.state.stats
-        wait_until(lambda: not stats.websocket.open)
+        stats = server.app.state.websocket_stats
+        wait_until(lambda: not stats.open)
         assert server.app.state.clusters.default.pool.backends[0].in_flight == 0
 
 
@@ -298,7 +298,7 @@ def test_200_sessions_leak_no_tasks_or_fds(echo_factory: Any) -> None:
                 await asyncio.gather(*(one(i) for i in range(start, start + batch)))
 
         asyncio.run(sessions(5, 5))  # warm-up: lazily created things exist from here on
-        stats = server.app.state.stats.websocket
+        stats = server.app.state.websocket_stats
         wait_until(lambda: not stats.open)
         tasks, fds = lb_tasks(server), open_fds()
         asyncio.run(sessions(200, 20))
@@ -325,7 +325,7 @@ def test_metrics_and_access_log_after_a_known_sequence(
             await refused(ws_url(server, "/ws/refuse/403"))  # third handshake: backend one
 
         asyncio.run(run())
-        wait_until(lambda: not server.app.state.stats.websocket.open)
+        wait_until(lambda: not server.app.state.websocket_stats.open)
         samples = prometheus_samples(httpx.get(server.url + "/metrics").text)
 
     def value(name: str, **labels: str) -> float:
