@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+import httpx
 from websockets.exceptions import InvalidStatus
 
 from .admission import Full
@@ -112,6 +113,7 @@ class WebSocketProxy:
                     pool.release(backend)
                     self.stats.closed(session, time.perf_counter() - handshake.headers_at)
                     if session.ended_by == "backend" and session.close_code == 1006:
+                        http_stats.upstream_error(backend, httpx.ReadError("connection lost"))
                         pool.record_failure(backend, "WebSocket connection lost")
         finally:
             if self.access_log is not None:
@@ -159,6 +161,7 @@ class WebSocketProxy:
             except Unreachable as exc:  # nothing was sent: the next backend may take it
                 pool.release(backend)
                 tried.add(backend)
+                proxy.stats.upstream_error(backend, httpx.ConnectError(str(exc)))
                 cluster.failed(backend, str(exc), time.perf_counter() - sent_at)
                 logger.warning("WebSocket to backend %s failed: %s", backend.url, exc)
                 last_status = 502
@@ -175,11 +178,15 @@ class WebSocketProxy:
                 return
             except Exception as exc:  # no answer in time (504), or a broken one (502)
                 pool.release(backend)
+                # Counted in lb_upstream_errors by the kinds of the HTTP path (httpx's error types).
+                timeout = isinstance(exc, TimeoutError)
+                kind = httpx.ReadTimeout if timeout else httpx.RemoteProtocolError
+                proxy.stats.upstream_error(backend, kind(str(exc)))
                 cluster.failed(backend, type(exc).__name__, time.perf_counter() - sent_at)
                 logger.warning(
                     "WebSocket handshake with %s failed: %s: %s", backend.url, type(exc).__name__, exc
                 )
-                status = 504 if isinstance(exc, TimeoutError) else 502
+                status = 504 if timeout else 502
                 await self._error(scope, send, handshake, status, ERRORS[status], request_id)
                 return
             except BaseException:
@@ -192,9 +199,12 @@ class WebSocketProxy:
             extra += cluster.response_headers(backend, prepared.info) or []
         try:
             await send(accept_message(upstream, extra))
-        except BaseException:
+        except BaseException as exc:
             pool.release(backend)
             upstream.transport.abort()
+            if isinstance(exc, OSError):  # the client left during the handshake (uvicorn's error)
+                handshake.status = 499
+                return
             raise
         handshake.status, handshake.headers_at = 101, time.perf_counter()
         handshake.pool = pool

@@ -70,6 +70,8 @@ def test_text_binary_and_a_1mib_message_cross_intact(lb: ThreadedServer) -> None
             assert isinstance(echoed, bytes) and echoed == big
             await ws.send("x" * MiB)
             assert await ws.recv() == "x" * MiB
+            latency = await asyncio.wait_for(await ws.ping(), 10)  # answered by lbapp's side
+            assert latency >= 0
 
     asyncio.run(run())
 
@@ -172,10 +174,27 @@ def test_unreachable_backends_are_retried_then_502(echo_factory: Any) -> None:
 
     with run_lb([dead.url, alive.url], outlier_consecutive_failures=0) as server:
         assert {asyncio.run(server_of(server)) for _ in range(4)} == {"alive"}
+        errors = server.app.state.stats.upstream_errors
+        assert errors[("/", dead.url, "connect")] >= 1  # counted as the HTTP path counts them
     with run_lb([dead.url]) as server:
         response = asyncio.run(refused(ws_url(server)))
         assert response.status_code == 502
         assert json.loads(bytes(response.body)) == {"error": "bad gateway"}
+
+
+def test_idle_sessions_are_closed_with_1001(echo_factory: Any) -> None:
+    backend = echo_factory("idle")
+    with run_lb([backend.url], websocket_idle_timeout=0.5) as server:
+
+        async def run() -> tuple[int, str]:
+            async with connect(ws_url(server, "/ws/idle")) as ws:
+                await ws.send("one")
+                assert await ws.recv() == "one"
+                return await closed_by_peer(ws)
+
+        assert asyncio.run(run()) == (1001, "idle timeout")
+    closes = httpx.get(backend.url + "/ws-closes").json()
+    assert {"path": "/ws/idle", "code": 1001, "reason": "idle timeout"} in closes
 
 
 def test_all_backends_down_is_503(echo_factory: Any) -> None:
