@@ -39,17 +39,18 @@ HANDSHAKE_HEADERS = frozenset(
         b"sec-websocket-accept",
     }
 )
+NOT_FORWARDED = HANDSHAKE_HEADERS | {b"content-length", b"transfer-encoding"}
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """The client's filtered header list (see `headers.parse_request_headers`) for the handshake.
 
-    Without the handshake's own headers, and without `Content-Length`: a handshake has no body.
+    Without the handshake's own headers, and without body framing: a handshake has no body.
     """
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name not in HANDSHAKE_HEADERS and name != b"content-length"
+        if name not in NOT_FORWARDED
     ]
 
 
