@@ -250,7 +250,7 @@ class EchoApp:
         elif words[0] == "stall" and len(words) > 1:  # stop reading: lets the client's sends back up
             await asyncio.sleep(float(words[1]))
         elif words[0] == "flood" and len(words) > 2 and words[1].isdigit() and words[2].isdigit():
-            payload = b"f" * int(words[2])
+            payload = os.urandom(int(words[2]))  # incompressible: what crosses the wire is its size
             for _ in range(int(words[1])):
                 await send({"type": "websocket.send", "bytes": payload})
         else:

@@ -396,6 +396,32 @@ def test_a_stalled_backend_pushes_back_on_the_client(echo_factory: Any) -> None:
     assert sent < 64 * MiB, f"{sent >> 20} MiB accepted while the backend read nothing"
 
 
+def test_a_slow_client_pushes_back_on_a_flooding_backend(echo_factory: Any) -> None:
+    backend = echo_factory("flooding")
+    with run_lb([backend.url]) as server:
+        stats = server.app.state.websocket_stats
+
+        def relayed() -> int:
+            return sum(session.messages_out for session in list(stats.open))
+
+        async def run() -> tuple[int, int]:
+            async with connect(ws_url(server), max_size=2 * MiB, max_queue=1, compression=None) as ws:
+                await ws.send("!flood 200 1048576")  # 200 MiB toward a client that reads nothing
+                seen = 0
+                for _ in range(30):  # 3 s of looking: a slow machine only ever relays less
+                    await asyncio.sleep(0.1)
+                    seen = max(seen, relayed())
+                received = 0
+                for _ in range(200):  # then everything arrives, in order and whole
+                    message = await asyncio.wait_for(ws.recv(), 30)
+                    received += len(message) == MiB
+                return seen, received
+
+        seen, received = asyncio.run(run())
+    assert seen < 64, f"{seen} MiB relayed to a client that read nothing"
+    assert received == 200
+
+
 def test_sigterm_gives_open_sessions_1001_after_the_graceful_timeout(echo_factory: Any) -> None:
     backend = echo_factory("graceful")
     ws_protocol = "lbapp.wsserver:GracefulWebSocketProtocol"
