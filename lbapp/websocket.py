@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from .wsupstream import WebSocketConfig
+
+logger = logging.getLogger("lbapp.websocket")
 
 Receive = Any
 Send = Any
@@ -87,8 +90,10 @@ class Session:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = next(iter(done))
-            if first.cancelled() or first.exception() is not None:
+            error = None if first.cancelled() else first.exception()
+            if first.cancelled() or error is not None:
                 self.ended_by = "error"
+                logger.error("WebSocket relay failed; closing both sides with 1011", exc_info=error)
             else:
                 to_client, to_upstream = first.result()
         except asyncio.CancelledError:  # the server is stopping (graceful timeout over)
