@@ -6,14 +6,11 @@ Every path answers JSON `{"server", "method", "path", "query", "headers", "body_
 Test helpers: `/health`; `/bytes/N` streams N bytes; `/status/N` answers status N;
 `/cookies` sets two cookies; `/redirect` answers 302; `/gzip` answers a gzip-encoded body;
 `/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering;
-`/sse/ID` is a server-sent event stream that sends one event, then waits for `/sse-release/ID`
-before sending two more (so a test can tell event-by-event streaming from buffering).
-WebSocket (any path): echoes text and binary messages; offers subprotocols `echo.v2`, `echo.v1` (in
-that order of preference, from those the client offered); text commands `!info` (the handshake as
-JSON), `!close CODE REASON`, `!flood N SIZE` (N binary messages), `!stall S` (read nothing for S
-seconds); `/ws/close/CODE?reason=R` closes right after accepting; `/ws/refuse/STATUS` refuses
-the handshake with that HTTP status and a body.
-`/ws-closes` (HTTP) lists the close codes and reasons received from WebSocket clients.
+`/sse/ID` sends one server-sent event, the rest once `/sse-release/ID` is called (streaming test).
+WebSocket (any path) echoes text and binary; picks `echo.v2` or `echo.v1` from the offered
+subprotocols; obeys `!info` (handshake as JSON), `!close CODE REASON`, `!flood N SIZE`, `!stall S`;
+`/ws/close/CODE?reason=R` closes once accepted; `/ws/refuse/STATUS` refuses with that status and
+a body; `GET /ws-closes` lists the close codes and reasons clients sent.
 `--fail` makes every answer (health included) a 500; `--latency` delays every answer;
 `--flap` makes every other `/health` answer a 500; `--id-log FILE` appends `METHOD ID` for every
 request carrying an `X-Request-ID`, written before the answer, so the record survives a SIGKILL

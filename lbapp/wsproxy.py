@@ -24,11 +24,12 @@ import httpx
 from websockets.exceptions import InvalidStatus
 
 from .admission import Full
+from .answers import AT_CAPACITY, BAD_GATEWAY, OVERLOADED, UPSTREAM_ERRORS, Answer, http_date
 from .backend import Backend
 from .metrics import Stats
 from .observe import AccessLog
 from .pool import Pool
-from .proxy import Proxy
+from .proxy import Prepared, Proxy
 from .requestid import HEADER, ensure_request_id
 from .websocket import Session
 from .wsmetrics import WebSocketStats
@@ -47,14 +48,6 @@ logger = logging.getLogger("lbapp.websocket")
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
-
-JSON = [(b"content-type", b"application/json")]
-ERRORS = {
-    502: (JSON, b'{"error": "bad gateway"}'),
-    503: ([*JSON, (b"retry-after", b"1")], b'{"error": "all backends are down"}'),
-    504: (JSON, b'{"error": "gateway timeout"}'),
-}
-OVERLOADED = ([*JSON, (b"retry-after", b"1")], b'{"error": "all backends are at capacity"}')
 
 
 class Handshake:
@@ -133,7 +126,11 @@ class WebSocketProxy:
     ) -> None:
         """Pick a backend and open its WebSocket; accept the client, or answer with an HTTP status."""
         proxy = self.proxy
-        prepared = proxy.prepare(scope)
+        limit = proxy.front_door.max_in_flight
+        prepared = proxy.prepare(scope) if not limit or proxy.stats.in_flight <= limit else OVERLOADED
+        if not isinstance(prepared, Prepared):  # refused before any backend was chosen
+            await self._error(scope, send, handshake, prepared, request_id)
+            return
         cluster, pool, head = prepared.cluster, prepared.cluster.pool, prepared.head
         headers = forward_headers(head.headers)
         subprotocols = list(scope.get("subprotocols") or ())
@@ -142,10 +139,10 @@ class WebSocketProxy:
         while True:
             choice = await cluster.admit(prepared.info, tried)
             if isinstance(choice, Full):
-                await self._error(scope, send, handshake, 503, OVERLOADED, request_id)
+                await self._error(scope, send, handshake, AT_CAPACITY, request_id)
                 return
             if choice is None:
-                await self._error(scope, send, handshake, last_status, ERRORS[last_status], request_id)
+                await self._error(scope, send, handshake, UPSTREAM_ERRORS[last_status], request_id)
                 return
             backend = handshake.backend = choice
             handshake.attempts += 1
@@ -166,7 +163,7 @@ class WebSocketProxy:
                 logger.warning("WebSocket to backend %s failed: %s", backend.url, exc)
                 last_status = 502
                 if handshake.attempts > proxy.retry.max_retries:
-                    await self._error(scope, send, handshake, 502, ERRORS[502], request_id)
+                    await self._error(scope, send, handshake, BAD_GATEWAY, request_id)
                     return
                 continue
             except InvalidStatus as exc:  # the backend's answer is the client's answer
@@ -187,7 +184,7 @@ class WebSocketProxy:
                     "WebSocket handshake with %s failed: %s: %s", backend.url, type(exc).__name__, exc
                 )
                 status = 504 if timeout else 502
-                await self._error(scope, send, handshake, status, ERRORS[status], request_id)
+                await self._error(scope, send, handshake, UPSTREAM_ERRORS[status], request_id)
                 return
             except BaseException:
                 pool.release(backend)
@@ -211,15 +208,12 @@ class WebSocketProxy:
         handshake.session = Session(upstream, receive, send, self.config)
 
     async def _error(
-        self,
-        scope: Scope,
-        send: Send,
-        handshake: Handshake,
-        status: int,
-        answer: tuple[list[tuple[bytes, bytes]], bytes],
-        request_id: bytes,
+        self, scope: Scope, send: Send, handshake: Handshake, answer: Answer, request_id: bytes
     ) -> None:
-        headers, body = answer
+        """One of lbapp's own answers (answers.py) as the handshake's denial response, counted."""
+        start, body = answer
+        status: int = start["status"]
         self.proxy.stats.observe_error(status)
-        await deny(scope, send, status, [*headers, (HEADER, request_id)], body)
+        headers = [*start["headers"], (b"date", http_date()), (HEADER, request_id)]
+        await deny(scope, send, status, headers, body["body"])
         handshake.status, handshake.headers_at = status, time.perf_counter()
