@@ -284,24 +284,10 @@ class Settings(BaseSettings):
         config = config_file_source(settings_cls, env_settings, dotenv_settings)
         return (init_settings, FileOnlySource(env_settings), FileOnlySource(dotenv_settings), config)
 
-    # --- websocket --- (issue 13; lbapp.wsupstream.WebSocketConfig.from_settings reads these)
-    # Largest message relayed either way, in bytes (`16MiB`, `64KiB` also accepted); the same limit
-    # as uvicorn's own default `--ws-max-size`, which must be at least this on the client side.
-    websocket_max_message: int = Field(default=16 * 1024 * 1024, ge=1, le=2**31)
-    # Close a session with 1001 after this long without a message either way; 0: never.
-    websocket_idle_timeout: SecondsOrZero = 0.0
-    # Keepalive pings to the backend (a silent dead backend is found within two intervals); 0: none.
-    websocket_ping_interval: SecondsOrZero = 20.0
-
-    @field_validator("websocket_max_message", mode="before")
-    @classmethod
-    def _parse_message_size(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+)\s*(|b|kib|k|mib|m)\s*", value.lower())
-            if match is None:
-                raise ValueError("expected a size in bytes, e.g. 16777216, 64KiB or 16MiB")
-            return int(match.group(1)) * {"": 1, "b": 1, "k": 1024, "kib": 1024}.get(match.group(2), 2**20)
-        return value
+    # --- websocket --- (issue 13; read by wsupstream.WebSocketConfig.from_settings; see README)
+    websocket_max_message: Annotated[Bytes, Field(ge=1, le=2**31)] = 16 * 1024 * 1024  # both ways
+    websocket_idle_timeout: SecondsOrZero = 0.0  # close idle sessions with 1001; 0: never
+    websocket_ping_interval: SecondsOrZero = 20.0  # keepalive pings to backends; 0: none
 
 
 def load_settings(**overrides: Any) -> Settings:
