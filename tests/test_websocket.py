@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import EchoBackend, LBProcess, ThreadedServer, run_lb, wait_until
+from .conftest import EchoBackend, LBProcess, ThreadedServer, listening_socket, run_lb, wait_until
 from .test_metrics import needs, prometheus_samples
 from .test_status_page import chromium
 
@@ -180,6 +180,20 @@ def test_unreachable_backends_are_retried_then_502(echo_factory: Any) -> None:
         response = asyncio.run(refused(ws_url(server)))
         assert response.status_code == 502
         assert json.loads(bytes(response.body)) == {"error": "bad gateway"}
+
+
+def test_a_backend_that_never_answers_the_handshake_is_a_504() -> None:
+    silent = listening_socket()  # connections wait in its backlog; nothing is ever read or sent
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with run_lb([url], upstream_timeout=0.5) as server:
+            response = asyncio.run(refused(ws_url(server)))
+            errors = server.app.state.stats.upstream_errors
+    finally:
+        silent.close()
+    assert response.status_code == 504
+    assert json.loads(bytes(response.body)) == {"error": "gateway timeout"}
+    assert errors[("/", url, "timeout")] == 1
 
 
 def test_idle_sessions_are_closed_with_1001(echo_factory: Any) -> None:
