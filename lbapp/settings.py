@@ -42,6 +42,7 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .server_settings import ServerSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -107,7 +108,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class Settings(ServerSettings):  # server_settings.py: the launcher's and its protocol's fields
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(

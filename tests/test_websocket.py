@@ -18,7 +18,20 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import EchoBackend, LBProcess, ThreadedServer, listening_socket, run_lb, wait_until
+from lbapp import create_app
+from lbapp.cli import build_parser, server_config
+from lbapp.settings import load_settings
+from lbapp.wsserver import GracefulWebSocketProtocol
+
+from .conftest import (
+    EchoBackend,
+    LauncherProcess,
+    LBProcess,
+    ThreadedServer,
+    listening_socket,
+    run_lb,
+    wait_until,
+)
 from .test_metrics import needs, prometheus_samples
 from .test_status_page import chromium
 
@@ -436,11 +449,17 @@ def test_a_slow_client_pushes_back_on_a_flooding_backend(echo_factory: Any) -> N
     assert received == 200
 
 
-def test_sigterm_gives_open_sessions_1001_after_the_graceful_timeout(echo_factory: Any) -> None:
+@pytest.mark.parametrize("launcher", [True, False], ids=["lbapp", "uvicorn --ws"])
+def test_sigterm_gives_open_sessions_1001_after_the_graceful_timeout(
+    echo_factory: Any, launcher: bool
+) -> None:
     backend = echo_factory("graceful")
-    ws_protocol = "lbapp.wsserver:GracefulWebSocketProtocol"
-    env = {"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60"}
-    lb = LBProcess(env, "--ws", ws_protocol, "--timeout-graceful-shutdown", "3")
+    env = {"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60", "LB_GRACEFUL_TIMEOUT": "3"}
+    if launcher:
+        lb: LBProcess = LauncherProcess(env)
+    else:
+        protocol = "lbapp.wsserver:GracefulWebSocketProtocol"
+        lb = LBProcess(env, "--ws", protocol, "--timeout-graceful-shutdown", "3")
     try:
 
         async def run() -> tuple[int, str]:
@@ -458,6 +477,13 @@ def test_sigterm_gives_open_sessions_1001_after_the_graceful_timeout(echo_factor
         lb.stop()
     closes = httpx.get(backend.url + "/ws-closes").json()
     assert {"path": "/ws/graceful", "code": 1001, "reason": "server shutting down"} in closes
+
+
+def test_the_launcher_serves_websocket_with_the_relays_limit() -> None:
+    settings = load_settings(websocket_max_message="32MiB")
+    config = server_config(settings, build_parser().parse_args([]), create_app(settings))
+    assert config.ws is GracefulWebSocketProtocol
+    assert config.ws_max_size == 32 * MiB
 
 
 # The page waits for an image its own server holds back until the page calls `/release`: the
