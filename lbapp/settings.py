@@ -43,6 +43,7 @@ from .config import (
     split_backends,
 )
 from .server_settings import ServerSettings
+from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -108,7 +109,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(ServerSettings):  # server_settings.py: the launcher's and its protocol's fields
+class Settings(ServerSettings, WebSocketSettings):  # the launcher's, and WebSocket (their modules)
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
@@ -284,11 +285,6 @@ class Settings(ServerSettings):  # server_settings.py: the launcher's and its pr
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config = config_file_source(settings_cls, env_settings, dotenv_settings)
         return (init_settings, FileOnlySource(env_settings), FileOnlySource(dotenv_settings), config)
-
-    # --- websocket --- (issue 13; read by wsupstream.WebSocketConfig.from_settings; see README)
-    websocket_max_message: Annotated[Bytes, Field(ge=1, le=2**31)] = 16 * 1024 * 1024  # both ways
-    websocket_idle_timeout: SecondsOrZero = 0.0  # close idle sessions with 1001; 0: never
-    websocket_ping_interval: SecondsOrZero = 20.0  # keepalive pings to backends; 0: none
 
 
 def load_settings(**overrides: Any) -> Settings:
