@@ -43,6 +43,7 @@ from .config import (
     split_backends,
 )
 from .server_settings import ServerSettings
+from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -108,7 +109,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(ServerSettings):  # server_settings.py: the launcher's and its protocol's fields
+class Settings(ServerSettings, WebSocketSettings):  # the launcher's, and WebSocket (their modules)
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
