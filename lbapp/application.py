@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
@@ -30,6 +30,9 @@ from .settings import Settings, load_settings
 from .shutdown import Drain
 from .upstream import Upstream
 from .views import Metrics
+from .wsmetrics import WebSocketStats
+from .wsproxy import WebSocketProxy
+from .wsupstream import WebSocketConfig
 
 logger = logging.getLogger("lbapp")
 
@@ -88,6 +91,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         jitter=settings.health_jitter,
         timeout=settings.health_timeout,
     )
+    ws_stats = WebSocketStats()
+    stats.sources.append(ws_stats.families)
+    websocket = WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), ws_stats)
     metrics = Metrics(stats, clusters, multiproc_dir())
     drain = Drain(settings.shutdown_delay)
     admin = AdminEndpoints(
@@ -130,11 +136,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
+        # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
+        WebSocketRoute("/{path:path}", websocket),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.clusters = clusters
     app.state.stats = stats
+    app.state.websocket_stats = ws_stats
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health

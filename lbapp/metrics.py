@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,14 +65,15 @@ def error_kind(error: BaseException | None) -> str:
 class Histogram:
     """Bucket counts (not cumulative; the last one is +Inf) and a sum: one bisect per observation."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
 
@@ -98,6 +99,7 @@ class Stats:
         "rate_limited",
         "requests",
         "retries",
+        "sources",
         "started",
         "success",
         "upstream_errors",
@@ -105,6 +107,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.time()
+        # More families, from other parts (e.g. wsmetrics.WebSocketStats), given the backend labels.
+        self.sources: list[Callable[[list[tuple[str, str]]], list[Family]]] = []
         self.requests = 0  # received by the proxy route
         self.in_flight = 0
         self.success = 0  # answered with a backend's response
@@ -167,6 +171,7 @@ class Family:
 
     `samples` maps label values to a number, or for a histogram to (bucket counts, sum).
     `mode` is the prometheus-client multiprocess gauge mode used to combine workers.
+    `buckets` are a histogram's upper bounds as prometheus-client writes them.
     """
 
     name: str
@@ -175,6 +180,7 @@ class Family:
     labels: tuple[str, ...] = ()
     mode: str = ""
     samples: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    buckets: tuple[str, ...] = BUCKET_LABELS
 
 
 def families(stats: Stats, clusters: Clusters) -> list[Family]:
@@ -267,6 +273,7 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
                samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
+        *(f for source in stats.sources for f in source(labels)),
     ]  # fmt: skip
 
 
@@ -286,7 +293,7 @@ def to_prometheus(items: Iterable[Family]) -> Iterator[Metric]:
             metric = HistogramMetricFamily(f.name, f.doc, labels=f.labels)
             for values, (counts, total) in f.samples.items():
                 buckets, acc = [], 0
-                for bound, count in zip(BUCKET_LABELS, counts, strict=True):
+                for bound, count in zip(f.buckets, counts, strict=True):
                     acc += count
                     buckets.append((bound, acc))
                 metric.add_metric(values, buckets, total)

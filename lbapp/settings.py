@@ -42,6 +42,8 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .server_settings import ServerSettings
+from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -107,7 +109,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class Settings(ServerSettings, WebSocketSettings):  # the launcher's, and WebSocket (their modules)
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,16 +50,22 @@ def test_sigterm_finishes_in_flight_requests(echo_factory: Any) -> None:
 
 
 class PortLB:
-    """`uvicorn lbapp:app --port P`: uvicorn owns the listening socket and closes it on shutdown."""
+    """`uvicorn lbapp:app --port P` (or the launcher, `python -m lbapp --port P [--workers N]`):
+    the server owns the listening socket and closes it on shutdown."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], launcher: str = "uvicorn") -> None:
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "uvicorn", "lbapp:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "20"]
+        if launcher == "uvicorn":
+            cmd = [sys.executable, "-m", "uvicorn", "lbapp:app", "--host", "127.0.0.1"]
+            cmd += ["--port", str(self.port), "--no-access-log", "--log-level", "warning"]
+            cmd += ["--timeout-graceful-shutdown", "20"]
+        else:  # "lbapp" or "lbapp-w2"
+            workers = "2" if launcher.endswith("w2") else "1"
+            cmd = [sys.executable, "-m", "lbapp", "--port", str(self.port), "--workers", workers]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LB_")}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**full_env, "LB_ACCESS_LOG": "false", **env})
         wait_until(self._up, timeout=20)
@@ -80,7 +87,15 @@ class PortLB:
             return True
         return False
 
+    def workers(self) -> list[int]:
+        """The worker processes of a `--workers N` supervisor (none for a single process)."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as children:
+            pids = [int(pid) for pid in children.read().split()]
+        return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
     def stop(self) -> None:
+        for pid in self.workers() if self.proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
@@ -120,9 +135,13 @@ def test_requests_in_flight_at_sigterm_complete_intact(echo_factory: Any, delay:
     assert results == [(200, True)] * clients
 
 
-def test_shutdown_delay_fails_readiness_first_and_serves_new_connections(echo_factory: Any) -> None:
+@pytest.mark.parametrize("launcher", ["uvicorn", "lbapp", "lbapp-w2"])
+def test_shutdown_delay_fails_readiness_first_and_serves_new_connections(
+    echo_factory: Any, launcher: str
+) -> None:
     backend = echo_factory("b1")
-    lb = PortLB({"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60", "LB_SHUTDOWN_DELAY": "60"})
+    env = {"LB_BACKENDS": backend.url, "LB_HEALTH_INTERVAL": "60", "LB_SHUTDOWN_DELAY": "60"}
+    lb = PortLB(env, launcher)
     try:
         assert lb.ready_status() == 200
         lb.proc.send_signal(signal.SIGTERM)
@@ -132,7 +151,10 @@ def test_shutdown_delay_fails_readiness_first_and_serves_new_connections(echo_fa
             assert (response.status_code, response.json()["server"]) == (200, "b1")
         assert httpx.get(lb.url + "/lb-health", timeout=10).status_code == 200  # alive, not ready
         assert lb.proc.poll() is None
-        lb.proc.send_signal(signal.SIGTERM)  # a second signal cuts the delay short
+        # A second signal cuts the delay short. uvicorn's worker supervisor handles only the first
+        # (it then waits for its workers): the workers get the second one themselves.
+        for pid in lb.workers() or [lb.proc.pid]:
+            os.kill(pid, signal.SIGTERM)
         assert lb.proc.wait(timeout=20) in (0, -signal.SIGTERM)
         assert lb.refuses()
     finally:
