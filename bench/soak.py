@@ -9,7 +9,7 @@ Starts three echo backends and `uvicorn lbapp:app` (one worker, the production f
     seconds later on the same port;
   * an aborter opens uploads and downloads and breaks them off half-way (FIN or RST);
   * every `--interval` seconds a sample goes to the CSV: lbapp's RSS and open fds (/proc), its
-    asyncio tasks (`/lb-metrics` "process"), requests in flight (Prometheus gauge), and the
+    asyncio tasks (`/lb-status?format=json` "process"), requests in flight (Prometheus gauge), and the
     client-side counts (ok, lbapp's 502/503/504, aborted exchanges, corrupt answers).
 At the end it writes `bench/results/soak-<time>.csv` and `.png` (the plot needs matplotlib:
 `pip install -r bench/requirements.txt`) and exits non-zero if RSS or fds grew more than
@@ -171,7 +171,7 @@ def proc_value(pid: int) -> tuple[float, int]:
 
 
 def lb_sample(url: str) -> tuple[int, int]:
-    with urllib.request.urlopen(url + "/lb-metrics", timeout=5) as response:
+    with urllib.request.urlopen(url + "/lb-status?format=json", timeout=5) as response:
         tasks = int(json.load(response)["process"]["asyncio_tasks"])
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
         text = response.read().decode()

@@ -130,16 +130,16 @@ class AdminEndpoints:
     async def lb_metrics(self, request: Request) -> Response:
         if not self.guard.may_read(request):
             return FORBIDDEN
-        document = self.metrics.lb_metrics()
-        # This worker's own counts (not summed over workers): what a soak watches for leaks.
-        document["process"] = {"pid": os.getpid(), "asyncio_tasks": len(asyncio.all_tasks())}
-        return json_response(document)
+        return json_response(self.metrics.lb_metrics())
 
     async def status(self, request: Request) -> Response:
         if not self.guard.may_read(request):
             return FORBIDDEN
         if request.query_params.get("format") == "json":
-            return json_response(self.metrics.status(), headers=NO_STORE)
+            document = self.metrics.status()
+            # This worker's own counts (not summed over workers): what a soak watches for leaks.
+            document["process"] = {"pid": os.getpid(), "asyncio_tasks": len(asyncio.all_tasks())}
+            return json_response(document, headers=NO_STORE)
         return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=NO_STORE)
 
     async def backend_action(self, request: Request) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -60,6 +61,9 @@ def test_the_json_has_window_numbers_per_backend(echo_backends: list[EchoBackend
         assert row["state"] == "healthy" and row["weight"] == 1 and row["in_flight"] == 0
         assert row["rps"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
     assert sum(row["requests"] for row in data["backends"]) == 10
+    # The answering worker's own process (the soak test's leak watch): the test process here, whose
+    # loop runs at least the health loop, the metrics ticker and this request.
+    assert data["process"]["pid"] == os.getpid() and data["process"]["asyncio_tasks"] >= 3
     error_rates = sorted(row["error_rate"] for row in data["backends"])
     assert error_rates[0] == 0 and error_rates[-1] > 0  # the backend that answered the 503
 
