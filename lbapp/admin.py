@@ -7,11 +7,13 @@ which anyone can send.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -34,14 +36,31 @@ def json_response(
 
 
 FORBIDDEN = json_response({"error": "forbidden"}, 403)
+CROSS_ORIGIN = json_response({"error": "cross-origin admin writes are refused"}, 403)
+NOT_JSON = json_response({"error": "a request body must be application/json"}, 415)
+REALM = 'Bearer realm="lbapp-admin"'
+NO_TOKEN = json_response({"error": "a bearer token is required"}, 401, {"www-authenticate": REALM})
+BAD_TOKEN = json_response(
+    {"error": "invalid token"}, 401, {"www-authenticate": REALM + ', error="invalid_token"'}
+)
+# Go's CrossOriginProtection also refuses `same-site`: a sibling subdomain is another origin.
+CROSS_SITE = frozenset({"cross-site", "same-site"})
 
 
 class AdminGuard:
-    """`LB_ADMIN_ALLOW` may read the views, `LB_ADMIN_WRITE_ALLOW` may act (empty: everyone)."""
+    """Who may read the views and who may change a backend.
 
-    def __init__(self, read: list[str], write: list[str]) -> None:
+    Reads: the TCP peer is in `LB_ADMIN_ALLOW`. Writes, in this order: the peer is in
+    `LB_ADMIN_WRITE_ALLOW` (403); the request does not come from a browser page (no `Origin`,
+    `Sec-Fetch-Site` not cross-site or same-site: 403); with `LB_ADMIN_TOKEN`, it carries
+    `Authorization: Bearer <token>` (401, RFC 6750); a body is `application/json` (415).
+    An empty allow-list lets everyone through that check.
+    """
+
+    def __init__(self, read: list[str], write: list[str], token: SecretStr | None = None) -> None:
         self.read = Networks(read)
         self.write = Networks(write)
+        self._token = token.get_secret_value().encode() if token is not None else None
 
     @staticmethod
     def _allows(networks: Networks, request: Request) -> bool:
@@ -54,6 +73,26 @@ class AdminGuard:
 
     def may_write(self, request: Request) -> bool:
         return self._allows(self.write, request)
+
+    def refuse_write(self, request: Request) -> Response | None:
+        """None when `request` may change state, else the answer refusing it."""
+        if not self.may_write(request):
+            return FORBIDDEN
+        headers = request.headers
+        if "origin" in headers or headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE:
+            return CROSS_ORIGIN
+        if self._token is not None:
+            scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+            if not scheme:
+                return NO_TOKEN
+            given = credentials.strip().encode("latin-1")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+                return BAD_TOKEN
+        has_body = headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if has_body and media_type != "application/json":
+            return NOT_JSON
+        return None
 
 
 def _eject(pool: Pool, backend: Backend) -> str | None:
@@ -109,8 +148,9 @@ class AdminEndpoints:
 
     async def backend_action(self, request: Request) -> Response:
         """POST /lb-admin/backends/{drain,undrain,eject,uneject}?url=...: in every pool holding it."""
-        if not self.guard.may_write(request):
-            return FORBIDDEN
+        refused = self.guard.refuse_write(request)
+        if refused is not None:
+            return refused
         action = ACTIONS.get(request.path_params["action"])
         if action is None:
             return json_response({"error": f"unknown action, expected one of {', '.join(ACTIONS)}"}, 404)
@@ -119,9 +159,9 @@ class AdminEndpoints:
         if not found:
             return json_response({"error": "no such backend", "url": url}, 404)
         for pool, backend in found:
-            refused = action(pool, backend)
-            if refused:
-                return json_response({"error": refused, "url": backend.url}, 409)
+            failed = action(pool, backend)
+            if failed:
+                return json_response({"error": failed, "url": backend.url}, 409)
         backend = found[0][1]
         return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
 

@@ -81,7 +81,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     metrics = Metrics(stats, clusters, multiproc_dir())
     admin = AdminEndpoints(
-        clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
+        clusters,
+        metrics,
+        upstream,
+        AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token),
     )
 
     async def tick() -> None:

@@ -41,6 +41,7 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .settings_admin import AdminSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -105,8 +106,8 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
-    """The load balancer's configuration; field `x` is the variable `LB_X`."""
+class Settings(AdminSettings):
+    """The load balancer's configuration; field `x` is the variable `LB_X` (admin: settings_admin.py)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -166,8 +167,6 @@ class Settings(BaseSettings):
     metrics_path: str = "/metrics"
     json_metrics_path: str = "/lb-metrics"
     status_path: str = "/lb-status"
-    admin_allow: NetworkList = Field(default_factory=list)
-    admin_write_allow: NetworkList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     metrics_flush_interval: Seconds = 1.0
 
     hash_key: Annotated[str, AfterValidator(check_hash_key)] = "ip"

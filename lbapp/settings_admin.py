@@ -1,0 +1,55 @@
+"""Settings of the admin API: who may read the views, who may change backends, and how.
+
+A group of its own (mixed into `Settings`) because it is the security boundary of the admin
+endpoints; admin.py's `AdminGuard` applies it. Defaults are safe: the views (which reveal backend
+URLs) are readable from loopback and private networks only, writes from loopback only, and the
+bearer token, when set, is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode
+
+from .config import parse_networks
+
+# Loopback and the private ranges (RFC 1918, RFC 4193): a Prometheus in the same docker network,
+# Kubernetes cluster or VPC can scrape; the internet cannot read backend URLs.
+PRIVATE_NETWORKS = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+LOOPBACK = ["127.0.0.1/32", "::1/128"]
+EVERYONE = ["0.0.0.0/0", "::/0"]
+MIN_TOKEN_LENGTH = 16
+
+
+def parse_allow_list(value: Any) -> Any:
+    """A CIDR list as `parse_networks` takes it, where `*` stands for every address."""
+    if isinstance(value, str) and value.strip() == "*":
+        return list(EVERYONE)
+    if isinstance(value, list) and value == ["*"]:
+        return list(EVERYONE)
+    return parse_networks(value)
+
+
+AllowList = Annotated[list[str], NoDecode, BeforeValidator(parse_allow_list)]
+
+
+class AdminSettings(BaseSettings):
+    """`LB_ADMIN_ALLOW`, `LB_ADMIN_WRITE_ALLOW`, `LB_ADMIN_TOKEN` (mixed into `Settings`)."""
+
+    admin_allow: AllowList = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
+    admin_write_allow: AllowList = Field(default_factory=lambda: list(LOOPBACK))
+    admin_token: SecretStr | None = None
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _check_token(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return None  # empty: no token required
+            if len(value) < MIN_TOKEN_LENGTH or not value.isascii() or not value.isprintable():
+                raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} printable ASCII characters")
+            if value != value.strip():
+                raise ValueError("must not start or end with whitespace")
+        return value
