@@ -22,6 +22,7 @@ from .backend import Backend
 from .cluster import Clusters
 from .headers import Networks
 from .pool import Pool
+from .runtime import ChangeError, Runtime, check_weight, describe
 from .status import STATUS_PAGE
 from .upstream import Upstream
 from .views import Metrics
@@ -110,14 +111,40 @@ ACTIONS: dict[str, Callable[[Pool, Backend], str | None]] = {
 }
 
 
-class AdminEndpoints:
-    """The endpoints, bound to the app's clusters, metrics and upstream client."""
+MAX_BODY = 64 * 1024  # an admin request body is a small JSON object
 
-    def __init__(self, clusters: Clusters, metrics: Metrics, upstream: Upstream, guard: AdminGuard) -> None:
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body (the guard has checked its media type), bounded in size."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ChangeError(413, f"the body is larger than {MAX_BODY} bytes")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ChangeError(400, "the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise ChangeError(400, "the body must be a JSON object")
+    return document
+
+
+def refusal(error: ChangeError) -> Response:
+    return json_response({"error": error.message}, error.status)
+
+
+class AdminEndpoints:
+    """The endpoints, bound to the app's clusters, metrics, upstream client and runtime changes."""
+
+    def __init__(
+        self, clusters: Clusters, metrics: Metrics, upstream: Upstream, guard: AdminGuard, runtime: Runtime
+    ) -> None:
         self.clusters = clusters
         self.metrics = metrics
         self.upstream = upstream
         self.guard = guard
+        self.runtime = runtime
 
     def routes(self, metrics_path: str, json_path: str, status_path: str) -> list[BaseRoute]:
         """Starlette routes for every endpoint whose path is set (an empty path turns one off)."""
@@ -127,6 +154,7 @@ class AdminEndpoints:
             Route("/lb-health", self.live, methods=["GET"]),
             Route("/lb-ready", self.ready, methods=["GET"]),
             Route("/lb-admin/backends/{action}", self.backend_action, methods=["POST"]),
+            Route("/lb-admin/backends", self.backends, methods=["GET", "POST", "DELETE", "PATCH"]),
         ]
 
     async def prometheus(self, request: Request) -> Response:
@@ -164,6 +192,39 @@ class AdminEndpoints:
                 return json_response({"error": failed, "url": backend.url}, 409)
         backend = found[0][1]
         return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
+
+    async def backends(self, request: Request) -> Response:
+        """GET lists; POST adds; DELETE ?url= drains then removes; PATCH ?url= re-weights."""
+        if request.method == "GET":
+            if not self.guard.may_read(request):
+                return FORBIDDEN
+            return json_response({"backends": self.runtime.backends()}, headers=NO_STORE)
+        refused = self.guard.refuse_write(request)
+        if refused is not None:
+            return refused
+        runtime, query = self.runtime, request.query_params
+        try:
+            if request.method == "POST":
+                body = await read_object(request)
+                unknown = sorted(set(body) - {"url", "weight", "route"})
+                if unknown:
+                    raise ChangeError(400, f"unknown field {unknown[0]!r} (expected url, weight, route)")
+                cluster, backend = runtime.add(body.get("url"), body.get("weight", 1), body.get("route"))
+                return json_response(describe(cluster, backend), 201)
+            found = runtime.found(query.get("url"), query.get("route"))
+            if request.method == "DELETE":
+                for cluster, backend in found:
+                    runtime.remove(cluster, backend)
+                return json_response({"backends": [describe(c, b) for c, b in found]}, 202)
+            body = await read_object(request)
+            if set(body) != {"weight"}:
+                raise ChangeError(400, 'expected {"weight": N}')
+            weight = check_weight(body["weight"])
+            for cluster, backend in found:
+                runtime.set_weight(cluster, backend, weight)
+            return json_response({"backends": [describe(c, b) for c, b in found]})
+        except ChangeError as error:
+            return refusal(error)
 
     async def live(self, request: Request) -> Response:
         return json_response({"status": "ok"})

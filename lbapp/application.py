@@ -25,6 +25,7 @@ from .multiproc import multiproc_dir
 from .observe import AccessLog
 from .proxy import Proxy
 from .retry import RetryBudget, RetryPolicy
+from .runtime import Runtime
 from .settings import Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
@@ -80,12 +81,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         timeout=settings.health_timeout,
     )
     metrics = Metrics(stats, clusters, multiproc_dir())
-    admin = AdminEndpoints(
-        clusters,
-        metrics,
-        upstream,
-        AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token),
-    )
+    runtime = Runtime(clusters, health, stats, settings.drain_timeout)
+    guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
+    admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -115,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for running in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
+            await runtime.aclose()
             await upstream.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
@@ -129,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
+    app.state.runtime = runtime
     return app
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
-from .config import parse_networks
+from .config import parse_duration, parse_networks
 
 # Loopback and the private ranges (RFC 1918, RFC 4193): a Prometheus in the same docker network,
 # Kubernetes cluster or VPC can scrape; the internet cannot read backend URLs.
@@ -41,6 +41,9 @@ class AdminSettings(BaseSettings):
     admin_allow: AllowList = Field(default_factory=lambda: list(PRIVATE_NETWORKS))
     admin_write_allow: AllowList = Field(default_factory=lambda: list(LOOPBACK))
     admin_token: SecretStr | None = None
+    # How long a removed backend drains before it leaves the pool (uvicorn's graceful shutdown
+    # and compose's stop grace are about as long).
+    drain_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 30.0
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -51,7 +51,12 @@ def test_a_body_must_be_json(echo_backends: list[EchoBackend]) -> None:
         response = drain(server.url, backend.url, content=b"{}")  # no Content-Type at all
         assert response.status_code == 415
         assert server.app.state.clusters.default.pool.backends[0].state == "healthy"
-        ok = drain(server.url, backend.url, content=b"{}", headers={"Content-Type": "application/json; charset=utf-8"})
+        ok = drain(
+            server.url,
+            backend.url,
+            content=b"{}",
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
         assert ok.status_code == 200
 
 
