@@ -24,6 +24,7 @@ from .metrics import Stats
 from .multiproc import multiproc_dir
 from .observe import AccessLog
 from .proxy import Proxy
+from .reload import Reloader, listen_for_sighup, watch_config
 from .retry import RetryBudget, RetryPolicy
 from .runtime import Runtime
 from .settings import Settings, load_settings
@@ -49,7 +50,8 @@ def sticky_secret(settings: Settings) -> bytes:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the load balancer; `settings` defaults to the environment, settings.env and LB_CONFIG."""
     settings = settings or load_settings()
-    clusters = build_clusters(settings, sticky_secret(settings))
+    secret = sticky_secret(settings)
+    clusters = build_clusters(settings, secret)
     stats = Stats()
     upstream = Upstream(
         transport=settings.transport,
@@ -84,6 +86,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     runtime = Runtime(clusters, health, stats, settings.drain_timeout)
     guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
     admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
+    reloader = Reloader(runtime, settings, secret)
+    watched = settings.config.resolve() if settings.config_watch and settings.config else None
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -104,10 +108,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             asyncio.create_task(health.run(), name="lbapp-health"),
             asyncio.create_task(tick(), name="lbapp-metrics"),
         ]
+        stop_watching = asyncio.Event()
+        if watched is not None:
+            tasks.append(
+                asyncio.create_task(watch_config(watched, reloader, stop_watching), name="lbapp-watch")
+            )
+        stop_listening = listen_for_sighup(reloader)
         log_clusters(clusters)
         try:
             yield
         finally:
+            stop_listening()
+            stop_watching.set()
             for running in tasks:
                 running.cancel()
             for running in tasks:
@@ -129,6 +141,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.proxy = proxy
     app.state.health = health
     app.state.runtime = runtime
+    app.state.reloader = reloader
     return app
 
 

@@ -23,10 +23,18 @@ from .settings import BackendSpec, RouteSpec, Settings
 class Cluster:
     """One route: its prefix, its pool, its policy (with the policy's optional hooks looked up once)."""
 
-    __slots__ = ("balancer", "observe", "pool", "prefix", "raw_prefix", "response_headers", "standby",
-                 "strip_prefix")  # fmt: skip
+    __slots__ = ("algorithm", "balancer", "observe", "pool", "prefix", "raw_prefix", "response_headers",
+                 "standby", "strip_prefix")  # fmt: skip
 
-    def __init__(self, pool: Pool, balancer: Balancer, prefix: str = "/", strip_prefix: bool = False) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        balancer: Balancer,
+        prefix: str = "/",
+        strip_prefix: bool = False,
+        algorithm: str = "",
+    ) -> None:
+        self.algorithm = algorithm  # the policy's name, as configured (a reload compares it)
         self.prefix = prefix
         self.raw_prefix = prefix.encode("ascii")
         self.pool = pool
@@ -165,7 +173,8 @@ def build_cluster(
         queue_size=settings.queue_size,
         queue_timeout=settings.queue_timeout,
     )
-    return Cluster(pool, create_balancer(algorithm or settings.algorithm, options), prefix, strip)
+    algorithm = algorithm or settings.algorithm
+    return Cluster(pool, create_balancer(algorithm, options), prefix, strip, algorithm)
 
 
 def build_route(settings: Settings, sticky_secret: bytes, spec: RouteSpec) -> Cluster:

@@ -41,7 +41,7 @@ NO_BACKEND = "none"  # the `route` and `backend` labels of requests answered wit
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 BUDGET_EXHAUSTED = "budget_exhausted"  # lb_retries_total reason: a retry the budget refused
 RETRY_REASONS = (*ERROR_KINDS, BUDGET_EXHAUSTED)
-RELOAD_RESULTS = ("success", "failure")
+RELOAD_RESULTS = ("success", "error")
 LB_ERROR_CODES = (502, 503, 504)
 WINDOW = 60.0  # seconds of history behind the status page's rates and quantiles
 
@@ -94,6 +94,7 @@ class Stats:
         "config_reloads",
         "durations",
         "in_flight",
+        "last_reload",
         "lb_errors",
         "rate_limited",
         "requests",
@@ -116,7 +117,8 @@ class Stats:
         self.bytes_out: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}  # (route, backend, kind)
         self.rate_limited = 0  # no rate limiter yet: exported as 0 so dashboards need no change
-        self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # no reload yet, same reason
+        self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # reload.py counts them
+        self.last_reload = 0.0  # Unix time of the last successful reload (0: none yet)
 
     def begin(self) -> None:
         self.requests += 1
@@ -265,6 +267,8 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
                samples={(): stats.rate_limited}),
         Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
                samples={(r,): v for r, v in stats.config_reloads.items()}),
+        Family("lb_config_last_reload_timestamp_seconds", "Unix time of the last successful configuration"
+               " reload (0: none).", "gauge", (), "max", {(): stats.last_reload}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
     ]  # fmt: skip

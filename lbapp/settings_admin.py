@@ -1,19 +1,20 @@
-"""Settings of the admin API: who may read the views, who may change backends, and how.
+"""Settings of the admin API and of runtime changes: who may read the views, who may change
+backends and how; how removed backends drain; whether the config file is watched.
 
 A group of its own (mixed into `Settings`) because it is the security boundary of the admin
-endpoints; admin.py's `AdminGuard` applies it. Defaults are safe: the views (which reveal backend
-URLs) are readable from loopback and private networks only, writes from loopback only, and the
-bearer token, when set, is never logged or echoed.
+endpoints; admin.py's `AdminGuard` applies it, runtime.py and reload.py the rest. Defaults are
+safe: the views (which reveal backend URLs) are readable from loopback and private networks only,
+writes from loopback only, and the bearer token, when set, is never logged or echoed.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
-from .config import parse_duration, parse_networks
+from .config import SettingsError, parse_duration, parse_networks
 
 # Loopback and the private ranges (RFC 1918, RFC 4193): a Prometheus in the same docker network,
 # Kubernetes cluster or VPC can scrape; the internet cannot read backend URLs.
@@ -44,6 +45,13 @@ class AdminSettings(BaseSettings):
     # How long a removed backend drains before it leaves the pool (uvicorn's graceful shutdown
     # and compose's stop grace are about as long).
     drain_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 30.0
+    config_watch: bool = False  # reload when the LB_CONFIG file is saved (SIGHUP always reloads)
+
+    @model_validator(mode="after")
+    def _check_watch(self) -> AdminSettings:
+        if self.config_watch and getattr(self, "config", None) is None:
+            raise SettingsError("invalid setting LB_CONFIG_WATCH: watching needs LB_CONFIG (a file)")
+        return self
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -1,0 +1,164 @@
+"""Configuration reloads: SIGHUP, or saving the `LB_CONFIG` file with `LB_CONFIG_WATCH=true`.
+
+A reload reads the settings again from every source (environment, settings.env, LB_CONFIG) and
+validates them completely first: an invalid configuration leaves the running one in place, logs
+the one-line error naming the field and counts `lb_config_reloads_total{result="error"}`. A valid
+one is applied to the pool layout (`LB_BACKENDS`, `LB_ALGORITHM`, `LB_ROUTES`) in one synchronous
+step on the event loop (`Reloader.apply`), through `Runtime`: backends present before and after
+are the same objects (health, in-flight, EWMA, ejection and counters kept); removed ones drain;
+new ones join after a passing health check. Other settings (timeouts, health-check rules, ...)
+are read at start-up only: a reload that changes one says so in the log and keeps the old value.
+
+Several workers: each worker reloads itself on SIGHUP. uvicorn's own master answers SIGHUP by
+replacing every worker (new processes, new state); `take_over_sighup()` (for the launcher)
+makes it forward the signal to the workers instead, so they reload in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cluster import Cluster, build_cluster
+from .runtime import Runtime, drop_series
+from .settings import BackendSpec, Settings, SettingsError, load_settings
+
+logger = logging.getLogger("lbapp.reload")
+LAYOUT = frozenset({"backends", "algorithm", "routes"})  # what a reload applies
+
+
+class Reloader:
+    """Reloads this process's configuration into its live clusters."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        settings: Settings,
+        sticky_secret: bytes,
+        load: Callable[[], Settings] = load_settings,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings  # the start-up settings: pool rules for new routes come from them
+        self.sticky_secret = sticky_secret
+        self.load = load
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Read, validate and apply the configuration; False (and the old one kept) if invalid."""
+        stats = self.runtime.stats
+        try:
+            new = self.load()
+        except SettingsError as exc:
+            stats.config_reloads["error"] += 1
+            logger.error("configuration reload (%s) failed, keeping the running configuration: %s", why, exc)
+            return False
+        self.apply(new)
+        stats.config_reloads["success"] += 1
+        stats.last_reload = time.time()
+        ignored = [
+            f"LB_{name.upper()}"
+            for name in type(new).model_fields
+            if name not in LAYOUT and getattr(new, name) != getattr(self.settings, name)
+        ]
+        if ignored:
+            logger.warning(
+                "configuration reloaded (%s); %s changed but apply at restart only", why, ", ".join(ignored)
+            )
+        else:
+            logger.info("configuration reloaded (%s)", why)
+        return True
+
+    def apply(self, new: Settings) -> None:
+        """Reconcile the live clusters with `new`'s layout: no await, so no request sees half of it."""
+        runtime, clusters = self.runtime, self.runtime.clusters
+        wanted: list[tuple[str, Sequence[BackendSpec], str, bool]] = [
+            ("/", new.backends, new.algorithm, False)
+        ]
+        wanted += [(r.prefix, r.backends, r.algorithm or new.algorithm, r.strip_prefix) for r in new.routes]
+        kept: list[Cluster] = []
+        for prefix, specs, algorithm, strip in wanted:
+            cluster = build_cluster(self.settings, self.sticky_secret, prefix, [], algorithm, strip)
+            old = clusters.get(prefix)
+            if old is not None and self.same_policy(old, algorithm, strip):
+                cluster = old
+            elif old is not None:
+                cluster.pool = old.pool  # a new policy over the same backends
+            self.reconcile(cluster, specs)
+            kept.append(cluster)
+        for gone in clusters:
+            if gone.prefix not in {c.prefix for c in kept}:
+                for backend in list(gone.pool.backends):  # in-flight requests finish on their own
+                    task = runtime.removing.pop(backend, None)
+                    if task is not None:
+                        task.cancel()
+                    drop_series(runtime.stats, backend)
+                    runtime.health.forget(backend)
+        clusters.replace(kept[0], kept[1:])
+        runtime.health.pools = [c.pool for c in clusters]
+        runtime.health.wake()
+
+    def same_policy(self, cluster: Cluster, algorithm: str, strip: bool) -> bool:
+        return cluster.algorithm == algorithm and cluster.strip_prefix == strip
+
+    def reconcile(self, cluster: Cluster, specs: Sequence[BackendSpec]) -> None:
+        runtime, pool = self.runtime, cluster.pool
+        weights = {spec.url: spec.weight for spec in specs}
+        for backend in list(pool.backends):
+            if backend.url in weights:
+                runtime.keep(cluster, backend)
+                runtime.set_weight(cluster, backend, weights[backend.url])
+            else:
+                runtime.remove(cluster, backend, "removed from the configuration")
+        for url, weight in weights.items():
+            if pool.find(url) is None:
+                pool.add(url, weight)
+
+
+async def watch_config(target: Path, reloader: Reloader, stop: asyncio.Event) -> None:
+    """`LB_CONFIG_WATCH`: reload whenever the file (an absolute path) is written or replaced (an
+    editor's save renames a new file over it, so its directory is watched)."""
+    from watchfiles import awatch
+
+    async for _ in awatch(
+        target.parent,
+        watch_filter=lambda change, changed: Path(changed) == target,
+        debounce=200,
+        stop_event=stop,
+        recursive=False,
+    ):
+        reloader.reload(f"{target} changed")
+
+
+def listen_for_sighup(reloader: Reloader) -> Callable[[], None]:
+    """Reload on SIGHUP; returns the undo. Only the main thread can (tests run the app elsewhere)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    except (ValueError, RuntimeError, NotImplementedError):
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
+
+
+def take_over_sighup() -> None:
+    """For the launcher: make uvicorn's master forward SIGHUP to its workers (each reloads in
+    place) instead of replacing them. Call before `uvicorn.run`."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    def handle_hup(self: Any) -> None:
+        logger.info("SIGHUP: every worker reloads its configuration")
+        for process in self.processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
+    Multiprocess.handle_hup = handle_hup  # type: ignore[method-assign]
