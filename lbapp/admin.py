@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,7 @@ class AdminEndpoints:
             failed = action(pool, backend)
             if failed:
                 return json_response({"error": failed, "url": backend.url}, 409)
+        self.runtime.changed()
         backend = found[0][1]
         return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
 
@@ -198,7 +200,8 @@ class AdminEndpoints:
         if request.method == "GET":
             if not self.guard.may_read(request):
                 return FORBIDDEN
-            return json_response({"backends": self.runtime.backends()}, headers=NO_STORE)
+            document = {"backends": self.runtime.backends(), "worker": os.getpid()}
+            return json_response(document, headers=NO_STORE)
         refused = self.guard.refuse_write(request)
         if refused is not None:
             return refused
@@ -210,11 +213,13 @@ class AdminEndpoints:
                 if unknown:
                     raise ChangeError(400, f"unknown field {unknown[0]!r} (expected url, weight, route)")
                 cluster, backend = runtime.add(body.get("url"), body.get("weight", 1), body.get("route"))
+                runtime.changed()
                 return json_response(describe(cluster, backend), 201)
             found = runtime.found(query.get("url"), query.get("route"))
             if request.method == "DELETE":
                 for cluster, backend in found:
                     runtime.remove(cluster, backend)
+                runtime.changed()
                 return json_response({"backends": [describe(c, b) for c, b in found]}, 202)
             body = await read_object(request)
             if set(body) != {"weight"}:
@@ -222,6 +227,7 @@ class AdminEndpoints:
             weight = check_weight(body["weight"])
             for cluster, backend in found:
                 runtime.set_weight(cluster, backend, weight)
+            runtime.changed()
             return json_response({"backends": [describe(c, b) for c, b in found]})
         except ChangeError as error:
             return refusal(error)

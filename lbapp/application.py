@@ -20,6 +20,7 @@ from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
 from .headers import TrustedProxies
 from .health import HealthChecker
+from .layout import SharedLayout, digest, from_clusters
 from .metrics import Stats
 from .multiproc import multiproc_dir
 from .observe import AccessLog
@@ -82,12 +83,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         jitter=settings.health_jitter,
         timeout=settings.health_timeout,
     )
-    metrics = Metrics(stats, clusters, multiproc_dir())
+    directory = multiproc_dir()
+    metrics = Metrics(stats, clusters, directory)
     runtime = Runtime(clusters, health, stats, settings.drain_timeout)
     guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
     admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
     reloader = Reloader(runtime, settings, secret)
     watched = settings.config.resolve() if settings.config_watch and settings.config else None
+    shared = SharedLayout(directory, digest(settings), reloader.apply) if directory else None
+    if shared is not None:  # several workers: a change made in one reaches the others
+        reloader.shared = shared
+        runtime.on_change = lambda: shared.publish(from_clusters(clusters, runtime.removing.__contains__))
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -108,6 +114,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             asyncio.create_task(health.run(), name="lbapp-health"),
             asyncio.create_task(tick(), name="lbapp-metrics"),
         ]
+        if shared is not None:
+            shared.start(from_clusters(clusters, runtime.removing.__contains__))
+            tasks.append(asyncio.create_task(shared.follow(), name="lbapp-layout"))
         stop_watching = asyncio.Event()
         if watched is not None:
             tasks.append(

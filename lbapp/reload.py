@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, build_cluster
+from .layout import Layout, Member, SharedLayout, digest, from_settings
 from .runtime import Runtime, drop_series
-from .settings import BackendSpec, Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("lbapp.reload")
 LAYOUT = frozenset({"backends", "algorithm", "routes"})  # what a reload applies
@@ -48,6 +49,7 @@ class Reloader:
         self.settings = settings  # the start-up settings: pool rules for new routes come from them
         self.sticky_secret = sticky_secret
         self.load = load
+        self.shared: SharedLayout | None = None  # with several workers (layout.py)
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Read, validate and apply the configuration; False (and the old one kept) if invalid."""
@@ -58,7 +60,10 @@ class Reloader:
             stats.config_reloads["error"] += 1
             logger.error("configuration reload (%s) failed, keeping the running configuration: %s", why, exc)
             return False
-        self.apply(new)
+        self.apply(from_settings(new))
+        if self.shared is not None:
+            self.shared.config_digest = digest(new)
+        self.runtime.changed()
         stats.config_reloads["success"] += 1
         stats.last_reload = time.time()
         ignored = [
@@ -74,25 +79,23 @@ class Reloader:
             logger.info("configuration reloaded (%s)", why)
         return True
 
-    def apply(self, new: Settings) -> None:
-        """Reconcile the live clusters with `new`'s layout: no await, so no request sees half of it."""
+    def apply(self, layout: Layout) -> None:
+        """Make the live clusters match `layout`: no await, so no request sees half of it."""
         runtime, clusters = self.runtime, self.runtime.clusters
-        wanted: list[tuple[str, Sequence[BackendSpec], str, bool]] = [
-            ("/", new.backends, new.algorithm, False)
-        ]
-        wanted += [(r.prefix, r.backends, r.algorithm or new.algorithm, r.strip_prefix) for r in new.routes]
         kept: list[Cluster] = []
-        for prefix, specs, algorithm, strip in wanted:
+        for route in layout:
+            prefix, algorithm, strip = route.prefix, route.algorithm, route.strip_prefix
             cluster = build_cluster(self.settings, self.sticky_secret, prefix, [], algorithm, strip)
             old = clusters.get(prefix)
-            if old is not None and self.same_policy(old, algorithm, strip):
+            if old is not None and old.algorithm == algorithm and old.strip_prefix == strip:
                 cluster = old
             elif old is not None:
                 cluster.pool = old.pool  # a new policy over the same backends
-            self.reconcile(cluster, specs)
+            self.reconcile(cluster, route.members)
             kept.append(cluster)
+        prefixes = {c.prefix for c in kept}
         for gone in clusters:
-            if gone.prefix not in {c.prefix for c in kept}:
+            if gone.prefix not in prefixes:
                 for backend in list(gone.pool.backends):  # in-flight requests finish on their own
                     task = runtime.removing.pop(backend, None)
                     if task is not None:
@@ -103,21 +106,23 @@ class Reloader:
         runtime.health.pools = [c.pool for c in clusters]
         runtime.health.wake()
 
-    def same_policy(self, cluster: Cluster, algorithm: str, strip: bool) -> bool:
-        return cluster.algorithm == algorithm and cluster.strip_prefix == strip
-
-    def reconcile(self, cluster: Cluster, specs: Sequence[BackendSpec]) -> None:
+    def reconcile(self, cluster: Cluster, members: Sequence[Member]) -> None:
         runtime, pool = self.runtime, cluster.pool
-        weights = {spec.url: spec.weight for spec in specs}
+        wanted = {member.url: member for member in members}
         for backend in list(pool.backends):
-            if backend.url in weights:
-                runtime.keep(cluster, backend)
-                runtime.set_weight(cluster, backend, weights[backend.url])
-            else:
+            member = wanted.get(backend.url)
+            if member is None:
                 runtime.remove(cluster, backend, "removed from the configuration")
-        for url, weight in weights.items():
-            if pool.find(url) is None:
-                pool.add(url, weight)
+                continue
+            runtime.keep(cluster, backend)
+            runtime.set_weight(cluster, backend, member.weight)
+            if member.drained is not None and member.drained != backend.draining:
+                (pool.drain if member.drained else pool.undrain)(backend, "changed in another worker")
+        for member in members:
+            if pool.find(member.url) is None:
+                backend = pool.add(member.url, member.weight)
+                if member.drained:
+                    pool.drain(backend, "drained in another worker")
 
 
 async def watch_config(target: Path, reloader: Reloader, stop: asyncio.Event) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -92,6 +93,12 @@ class Runtime:
         self.stats = stats
         self.drain_timeout = drain_timeout
         self.removing: dict[Backend, asyncio.Task[None]] = {}
+        self.on_change: Callable[[], None] | None = None  # tells the other workers (layout.py)
+
+    def changed(self) -> None:
+        """A change was made here (admin API, reload): share it."""
+        if self.on_change is not None:
+            self.on_change()
 
     def backends(self) -> list[dict[str, Any]]:
         return [describe(c, b) for c in self.clusters for b in c.pool.backends]

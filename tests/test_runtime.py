@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections import Counter
 from typing import Any
@@ -13,7 +15,7 @@ from lbapp.balancers import LeastTime, WeightedRoundRobin
 from lbapp.hashing import ConsistentHash, Sticky
 from lbapp.policy import RequestInfo
 
-from .conftest import EchoBackend, run_lb, wait_until
+from .conftest import EchoBackend, LBProcess, run_lb, wait_until
 
 API = "/lb-admin/backends"
 STREAM_SIZE = 64 * 1024 * 1024  # far more than the socket buffers hold: the stream stays in flight
@@ -182,3 +184,55 @@ def test_policies_forget_a_backend() -> None:
     least.observe(a, 0.1, True)
     least.forget(a)
     assert a not in least._cost
+
+
+def by_worker(base: str, attempts: int = 40) -> dict[int, list[dict[str, Any]]]:
+    """GET the list on fresh connections until two workers answered: {pid: backends}."""
+    seen: dict[int, list[dict[str, Any]]] = {}
+    for _ in range(attempts):
+        document = httpx.get(base + API, headers={"connection": "close"}).json()
+        seen[document["worker"]] = document["backends"]
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def layout(backends: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return sorted((b["url"], b["weight"]) for b in backends)
+
+
+def test_two_workers_share_every_change(echo_factory: Any, tmp_path: Any) -> None:
+    a, b = echo_factory("a"), echo_factory("b")
+    env = {"LB_BACKENDS": a.url, "LB_HEALTH_INTERVAL": "60", "LB_ACCESS_LOG": "false"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    lb = LBProcess(env, "--workers", "2")
+    try:
+        workers = wait_until(lambda: by_worker(lb.url) if len(by_worker(lb.url)) == 2 else None, timeout=30)
+        assert all(layout(backends) == [(a.url, 1)] for backends in workers.values())
+
+        assert httpx.post(lb.url + API, json={"url": b.url, "weight": 2}).status_code == 201
+        want = sorted([(a.url, 1), (b.url, 2)])
+        wait_until(lambda: all(layout(v) == want for v in by_worker(lb.url).values()) and len(workers) == 2)
+        # Each worker checks the new backend itself, then sends it traffic.
+        wait_until(
+            lambda: all(
+                {e["url"]: e["state"] for e in v}.get(b.url) == "healthy" for v in by_worker(lb.url).values()
+            )
+        )
+        assert httpx.patch(lb.url + API, params={"url": b.url}, json={"weight": 5}).status_code == 200
+        assert httpx.delete(lb.url + API, params={"url": a.url}).status_code == 202
+        final = [(b.url, 5)]
+        wait_until(lambda: all(layout(v) == final for v in by_worker(lb.url).values()))
+        assert servers(lb.url, 4) == {"b": 4}
+
+        # A worker that dies is replaced by one that starts from the current layout.
+        victim = next(iter(by_worker(lb.url)))
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            seen = by_worker(lb.url)
+            return victim not in seen and len(seen) == 2 and all(layout(v) == final for v in seen.values())
+
+        wait_until(replaced, timeout=30)
+    finally:
+        lb.stop()
