@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
+from .discovery import Discovery
 from .headers import TrustedProxies
 from .health import HealthChecker
 from .layout import SharedLayout, digest, from_clusters
@@ -28,7 +29,7 @@ from .proxy import Proxy
 from .reload import Reloader, listen_for_sighup, watch_config
 from .retry import RetryBudget, RetryPolicy
 from .runtime import Runtime
-from .settings import Settings, load_settings
+from .settings import BackendSpec, Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
 
@@ -89,11 +90,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
     guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
     admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
     reloader = Reloader(runtime, settings, secret)
+    discovery = reloader.discovery = Discovery(runtime, settings.dns_interval)
+    for cluster in clusters:
+        discovery.set_specs(
+            cluster.prefix, [(b.url, b.weight) for b in specs_of(settings, cluster.prefix) if b.discovery]
+        )
     watched = settings.config.resolve() if settings.config_watch and settings.config else None
     shared = SharedLayout(directory, digest(settings), reloader.apply) if directory else None
     if shared is not None:  # several workers: a change made in one reaches the others
         reloader.shared = shared
-        runtime.on_change = lambda: shared.publish(from_clusters(clusters, runtime.removing.__contains__))
+        runtime.on_change = lambda: shared.publish(
+            from_clusters(clusters, runtime.removing.__contains__, discovery)
+        )
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -113,9 +121,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tasks = [
             asyncio.create_task(health.run(), name="lbapp-health"),
             asyncio.create_task(tick(), name="lbapp-metrics"),
+            asyncio.create_task(discovery.run(), name="lbapp-discovery"),
         ]
         if shared is not None:
-            shared.start(from_clusters(clusters, runtime.removing.__contains__))
+            shared.start(from_clusters(clusters, runtime.removing.__contains__, discovery))
             tasks.append(asyncio.create_task(shared.follow(), name="lbapp-layout"))
         stop_watching = asyncio.Event()
         if watched is not None:
@@ -151,7 +160,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.health = health
     app.state.runtime = runtime
     app.state.reloader = reloader
+    app.state.discovery = discovery
     return app
+
+
+def specs_of(settings: Settings, prefix: str) -> list[BackendSpec]:
+    if prefix == "/":
+        return list(settings.backends)
+    return next((list(r.backends) for r in settings.routes if r.prefix == prefix), [])
 
 
 def log_clusters(clusters: Clusters) -> None:

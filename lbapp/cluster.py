@@ -157,8 +157,9 @@ def build_cluster(
     if prefix != "/":
         cookie += "-" + hashlib.blake2b(prefix.encode(), digest_size=3).hexdigest()
     options = PolicyOptions(settings.hash_key, cookie, sticky_secret)
+    specs = settings.backends if specs is None else specs
     pool = Pool(
-        settings.backends if specs is None else specs,
+        [spec for spec in specs if spec.discovery is None],  # discovery.py adds the others
         route=prefix,
         healthy_threshold=settings.healthy_threshold,
         unhealthy_threshold=settings.unhealthy_threshold,

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Clusters
-from .settings import Settings
+from .discovery import Discovery
+from .settings import BackendSpec, Settings
 
 logger = logging.getLogger("lbapp.layout")
 POLL = 0.25  # seconds between two looks at the shared file: a change reaches every worker in time
@@ -43,6 +44,7 @@ class Member:
     url: str
     weight: int
     drained: bool | None = None  # None (a reload): keep whatever an operator set
+    discovery: str | None = None  # "dns": a name whose addresses each worker resolves itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,31 +60,29 @@ Layout = list[RouteLayout]
 
 def from_settings(settings: Settings) -> Layout:
     """The layout a configuration asks for (the default route first)."""
-    default = RouteLayout(
-        "/", settings.algorithm, False, tuple(Member(b.url, b.weight) for b in settings.backends)
-    )
-    return [default] + [
-        RouteLayout(
-            r.prefix,
-            r.algorithm or settings.algorithm,
-            r.strip_prefix,
-            tuple(Member(b.url, b.weight) for b in r.backends),
-        )
+
+    def members(specs: list[BackendSpec]) -> tuple[Member, ...]:
+        return tuple(Member(b.url, b.weight, discovery=b.discovery) for b in specs)
+
+    default = RouteLayout("/", settings.algorithm, False, members(settings.backends))
+    routes = [
+        RouteLayout(r.prefix, r.algorithm or settings.algorithm, r.strip_prefix, members(r.backends))
         for r in settings.routes
     ]
+    return [default, *routes]
 
 
-def from_clusters(clusters: Clusters, leaving: Callable[[Any], bool]) -> Layout:
-    """The live layout; backends on their way out (`leaving`) are not part of it."""
-    return [
-        RouteLayout(
-            c.prefix,
-            c.algorithm,
-            c.strip_prefix,
-            tuple(Member(b.url, b.weight, b.draining) for b in c.pool.backends if not leaving(b)),
-        )
-        for c in clusters
-    ]
+def from_clusters(clusters: Clusters, leaving: Callable[[Any], bool], discovery: Discovery) -> Layout:
+    """The live layout; backends on their way out (`leaving`) are not part of it, and discovered
+    ones are their name (every worker resolves it)."""
+    layout = []
+    for c in clusters:
+        static = [b for b in c.pool.backends if not leaving(b) and not discovery.owns(c.prefix, b.url)]
+        names = discovery.specs.get(c.prefix, {}).items()
+        members = [Member(b.url, b.weight, b.draining) for b in static]
+        members += [Member(url, weight, discovery="dns") for url, weight in names]
+        layout.append(RouteLayout(c.prefix, c.algorithm, c.strip_prefix, tuple(members)))
+    return layout
 
 
 def digest(settings: Settings) -> str:

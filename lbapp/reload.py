@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, build_cluster
+from .discovery import Discovery
 from .layout import Layout, Member, SharedLayout, digest, from_settings
 from .runtime import Runtime, drop_series
 from .settings import Settings, SettingsError, load_settings
@@ -50,6 +51,7 @@ class Reloader:
         self.sticky_secret = sticky_secret
         self.load = load
         self.shared: SharedLayout | None = None  # with several workers (layout.py)
+        self.discovery = Discovery(runtime)  # application.py sets the configured one
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Read, validate and apply the configuration; False (and the old one kept) if invalid."""
@@ -96,6 +98,7 @@ class Reloader:
         prefixes = {c.prefix for c in kept}
         for gone in clusters:
             if gone.prefix not in prefixes:
+                self.discovery.drop_route(gone.prefix)
                 for backend in list(gone.pool.backends):  # in-flight requests finish on their own
                     task = runtime.removing.pop(backend, None)
                     if task is not None:
@@ -103,14 +106,19 @@ class Reloader:
                     drop_series(runtime.stats, backend)
                     runtime.health.forget(backend)
         clusters.replace(kept[0], kept[1:])
+        for route in layout:
+            names = [(m.url, m.weight) for m in route.members if m.discovery == "dns"]
+            self.discovery.set_specs(route.prefix, names)
         runtime.health.pools = [c.pool for c in clusters]
         runtime.health.wake()
 
     def reconcile(self, cluster: Cluster, members: Sequence[Member]) -> None:
-        runtime, pool = self.runtime, cluster.pool
-        wanted = {member.url: member for member in members}
+        runtime, pool, prefix = self.runtime, cluster.pool, cluster.prefix
+        wanted = {member.url: member for member in members if member.discovery is None}
         for backend in list(pool.backends):
             member = wanted.get(backend.url)
+            if member is None and self.discovery.owns(prefix, backend.url):
+                continue  # the name's records decide
             if member is None:
                 runtime.remove(cluster, backend, "removed from the configuration")
                 continue
@@ -118,7 +126,7 @@ class Reloader:
             runtime.set_weight(cluster, backend, member.weight)
             if member.drained is not None and member.drained != backend.draining:
                 (pool.drain if member.drained else pool.undrain)(backend, "changed in another worker")
-        for member in members:
+        for member in wanted.values():
             if pool.find(member.url) is None:
                 backend = pool.add(member.url, member.weight)
                 if member.drained:

@@ -61,12 +61,14 @@ Algorithm = Annotated[str, AfterValidator(check_algorithm)]
 
 
 class BackendSpec(BaseModel):
-    """One backend as configured: a base URL and a weight (0 = never picked)."""
+    """One backend as configured: a base URL and a weight (0 = never picked); with `"discovery":
+    "dns"`, one backend per A/AAAA record of the URL's host (discovery.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str
     weight: int = Field(default=1, ge=0, le=1_000_000)
+    discovery: Literal["dns"] | None = None
 
     @field_validator("url")
     @classmethod

@@ -45,6 +45,7 @@ class AdminSettings(BaseSettings):
     # How long a removed backend drains before it leaves the pool (uvicorn's graceful shutdown
     # and compose's stop grace are about as long).
     drain_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 30.0
+    dns_interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0  # re-resolve
     config_watch: bool = False  # reload when the LB_CONFIG file is saved (SIGHUP always reloads)
 
     @model_validator(mode="after")
