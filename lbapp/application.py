@@ -19,6 +19,7 @@ from starlette.routing import Route
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
 from .discovery import Discovery
+from .frontdoor import FrontDoor
 from .headers import TrustedProxies
 from .health import HealthChecker
 from .layout import SharedLayout, digest, from_clusters
@@ -71,10 +72,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         trusted=TrustedProxies(settings.trusted_proxies),
         preserve_host=settings.preserve_host,
         access_log=AccessLog() if settings.access_log else None,
+        front_door=FrontDoor(
+            body_timeout=settings.client_body_timeout,
+            request_buffer=settings.request_buffer,
+            max_body=settings.max_body_size,
+            max_in_flight=settings.max_in_flight,
+            allow_trace=settings.allow_trace,
+        ),
     )
     health = HealthChecker(
         [cluster.pool for cluster in clusters],
-        kind=settings.health_type,
+        kind=settings.health_type or "tcp",
         path=settings.health_path,
         method=settings.health_method,
         expected=settings.health_expected_status,
@@ -114,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop_listening = listen_for_sighup(reloader)  # first: SIGHUP's default would end the process
         upstream.start()
         if proxy.access_log is not None:
             proxy.access_log.start()  # the entry point has configured logging by now
@@ -131,7 +140,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tasks.append(
                 asyncio.create_task(watch_config(watched, reloader, stop_watching), name="lbapp-watch")
             )
-        stop_listening = listen_for_sighup(reloader)
         log_clusters(clusters)
         try:
             yield

@@ -38,6 +38,7 @@ from .config import (
     describe,
     parse_duration,
     parse_networks,
+    parse_size,
     parse_statuses,
     split_backends,
 )
@@ -58,6 +59,7 @@ SecondsOrZero = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 Statuses = Annotated[frozenset[int], NoDecode, BeforeValidator(parse_statuses)]
 NetworkList = Annotated[list[str], NoDecode, BeforeValidator(parse_networks)]
 Algorithm = Annotated[str, AfterValidator(check_algorithm)]
+Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class BackendSpec(BaseModel):
@@ -127,7 +129,7 @@ class Settings(AdminSettings):
     algorithm: Algorithm = "round_robin"
     debug: bool = False
 
-    health_path: str = "/health"
+    health_path: str = ""  # empty: a TCP connect check, like HAProxy's `check`
     health_interval: Seconds = 10.0
     health_timeout: Seconds = 3.0
     healthy_threshold: int = Field(default=2, ge=1)
@@ -137,7 +139,7 @@ class Settings(AdminSettings):
     health_body: str = ""
     health_unhealthy_interval: SecondsOrZero = 0.0
     health_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
-    health_type: Literal["http", "tcp"] = "http"
+    health_type: Literal["http", "tcp"] | None = None  # None: http with a path, else tcp
 
     outlier_consecutive_failures: int = Field(default=5, ge=0)
     outlier_statuses: Statuses = frozenset({502, 503, 504})
@@ -158,7 +160,14 @@ class Settings(AdminSettings):
     connect_timeout: Seconds = 2.0
     upstream_timeout: Seconds = 10.0
     upstream_idle_timeout: Seconds = 4.0
-    upstream_max_connections: int = Field(default=0, ge=0)
+    upstream_max_connections: int = Field(default=1024, ge=0)  # per backend, as Envoy's default
+
+    # The front door: what one client may cost (see the README's Security section).
+    client_body_timeout: Seconds = 30.0
+    request_buffer: Bytes = 64 * 1024
+    max_body_size: Bytes = 0
+    max_in_flight: int = Field(default=0, ge=0)
+    allow_trace: bool = False
 
     preserve_host: bool = True
     trusted_proxies: NetworkList = Field(default_factory=list)
@@ -235,8 +244,18 @@ class Settings(AdminSettings):
     @field_validator("health_path")
     @classmethod
     def _check_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must start with '/'")
+        if value and not value.startswith("/"):
+            raise ValueError("must be empty (a TCP check) or start with '/'")
+        return value
+
+    @field_validator("health_type")
+    @classmethod
+    def _resolve_health_type(cls, value: str | None, info: ValidationInfo) -> str:
+        path = info.data.get("health_path")
+        if value is None:
+            return "http" if path else "tcp"
+        if value == "http" and not path:
+            raise ValueError("an http check needs LB_HEALTH_PATH (e.g. /health)")
         return value
 
     @field_validator("metrics_path", "json_metrics_path", "status_path")

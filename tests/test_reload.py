@@ -16,7 +16,7 @@ import pytest
 from lbapp import create_app, load_settings
 
 from .conftest import ROOT, EchoBackend, LBProcess, ThreadedServer, listening_socket, wait_until
-from .test_runtime import SlowReader, listing, servers, state_of
+from .test_runtime import SlowReader, by_worker, listing, servers, state_of
 
 
 def write_config(path: Path, document: dict[str, Any]) -> None:
@@ -134,8 +134,9 @@ def test_two_workers_reload_in_place_with_the_launcher_hook(echo_factory: Any, t
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         wait_until(lambda: _up(base, proc), timeout=30)
-        wait_until(lambda: len(json.loads((metrics_dir / "lbapp-workers.json").read_text())) == 2, timeout=30)
-        workers = set(json.loads((metrics_dir / "lbapp-workers.json").read_text()))
+        # Both workers serve (their lifespans, which listen for SIGHUP, are done).
+        workers = wait_until(lambda: set(by_worker(base)) if len(by_worker(base)) == 2 else None, timeout=30)
+        assert set(json.loads((metrics_dir / "lbapp-workers.json").read_text())) == workers
         write_config(config, {"backends": [b.url]})
         proc.send_signal(signal.SIGHUP)
         # Both workers reloaded (the counters of every worker are summed) and none was replaced.

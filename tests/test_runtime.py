@@ -100,7 +100,7 @@ def test_bad_input_changes_nothing(echo_backends: list[EchoBackend]) -> None:
 
 def test_a_new_backend_failing_its_check_gets_no_traffic(echo_factory: Any) -> None:
     a, bad = echo_factory("a"), echo_factory("bad", "--fail")
-    with run_lb([a.url], health_unhealthy_interval=0.05) as server:
+    with run_lb([a.url], health_path="/health", health_unhealthy_interval=0.05) as server:
         assert httpx.post(server.url + API, json={"url": bad.url}).status_code == 201
         health = server.app.state.health
         rounds = health.rounds
