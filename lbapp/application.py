@@ -133,7 +133,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             asyncio.create_task(discovery.run(), name="lbapp-discovery"),
         ]
         if shared is not None:
-            shared.start(from_clusters(clusters, runtime.removing.__contains__, discovery))
+            others = metrics.store is not None and metrics.store.others_running
+            shared.start(from_clusters(clusters, runtime.removing.__contains__, discovery), others)
             tasks.append(asyncio.create_task(shared.follow(), name="lbapp-layout"))
         stop_watching = asyncio.Event()
         if watched is not None:

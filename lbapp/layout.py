@@ -6,15 +6,17 @@ one (reload.py).
 
 With several workers (`--workers N`, `PROMETHEUS_MULTIPROC_DIR` set) each is its own process with
 its own pools, so a change made in one must reach the others: the worker that made it writes the
-layout to `lbapp-layout-<master pid>.json` in the multiprocess directory (atomically: a new file
-renamed over the old one, a version number one higher, under a file lock), and every worker polls
-that file every `POLL` seconds and applies a newer version. A worker started later (uvicorn
+layout to `lbapp-layout.json` in the multiprocess directory (atomically: a new file renamed over
+the old one, a version number one higher, under a file lock), and every worker polls that file
+every `POLL` seconds and applies a newer version. A worker started while others run (uvicorn
 replaces a dead one) applies the file before it serves, so it starts from the current layout, not
 the config file's first version, unless the configuration it loaded differs from the one the file
 was derived from: then it is the newer one (uvicorn's rolling restart on SIGHUP) and it publishes
-it. Health, in-flight counts and ejections stay each worker's own (each checks its backends).
-The file is per master process: two lbapp instances on one host share nothing, and an admin change
-is made on each instance (as with HAProxy's runtime API); a reload from a shared file reaches all.
+it. The first worker of a new start (no other live worker in multiproc.py's registry) publishes its
+configuration: a restart starts from the configuration. Health, in-flight counts and ejections stay
+each worker's own (each checks its backends). The file belongs to one lbapp instance, as the
+multiprocess directory does: instances on other hosts share nothing, and an admin change is made
+on each (as with HAProxy's runtime API); a reload of a configuration they share reaches all.
 """
 
 from __future__ import annotations
@@ -102,8 +104,7 @@ class SharedLayout:
     """This worker's side of the shared layout file."""
 
     def __init__(self, directory: str, config_digest: str, apply: Callable[[Layout], None]) -> None:
-        self.master = os.getppid()
-        self.path = Path(directory) / f"lbapp-layout-{self.master}.json"
+        self.path = Path(directory) / "lbapp-layout.json"
         self.config_digest = config_digest
         self.apply = apply
         self.version = 0  # of the layout this worker has
@@ -118,14 +119,10 @@ class SharedLayout:
         self.seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         return document
 
-    def start(self, current: Layout) -> None:
-        """At start-up: take the instance's current layout, or publish ours if it is newer."""
-        for stale in self.path.parent.glob("lbapp-layout-*.json"):  # of masters no longer running
-            master = stale.stem.rpartition("-")[2]
-            if master.isdigit() and int(master) != self.master and not _alive(int(master)):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-        document = self._read()
+    def start(self, current: Layout, others_running: bool) -> None:
+        """At start-up (after registering as a worker): take the instance's current layout, or
+        publish ours if we are the first worker or our configuration is newer."""
+        document = self._read() if others_running else None
         if document is not None and document.get("config") == self.config_digest:
             try:
                 layout = parse(document)
@@ -178,13 +175,3 @@ class SharedLayout:
                 self.poll()
             except Exception:
                 logger.exception("applying the shared layout failed; trying again")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
