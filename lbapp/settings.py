@@ -42,6 +42,7 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .server_settings import ServerSettings
 from .settings_admin import AdminSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
@@ -110,8 +111,8 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(AdminSettings):
-    """The load balancer's configuration; field `x` is the variable `LB_X` (admin: settings_admin.py)."""
+class Settings(ServerSettings, AdminSettings):  # the launcher's fields; the admin API's fields
+    """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
