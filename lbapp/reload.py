@@ -10,8 +10,8 @@ new ones join after a passing health check. Other settings (timeouts, health-che
 are read at start-up only: a reload that changes one says so in the log and keeps the old value.
 
 Several workers: each worker reloads itself on SIGHUP. uvicorn's own master answers SIGHUP by
-replacing every worker (new processes, new state); `take_over_sighup()` (for the launcher)
-makes it forward the signal to the workers instead, so they reload in place.
+replacing every worker (new processes, new state); the launcher's master (cli.Supervisor)
+forwards the signal to the workers instead (`forward_sighup`), so they reload in place.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +162,10 @@ def listen_for_sighup(reloader: Reloader) -> Callable[[], None]:
     return undo
 
 
-def take_over_sighup() -> None:
-    """For the launcher: make uvicorn's master forward SIGHUP to its workers (each reloads in
-    place) instead of replacing them. Call before `uvicorn.run`."""
-    from uvicorn.supervisors.multiprocess import Multiprocess
-
-    def handle_hup(self: Any) -> None:
-        logger.info("SIGHUP: every worker reloads its configuration")
-        for process in self.processes:
-            if process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGHUP)
-
-    Multiprocess.handle_hup = handle_hup  # type: ignore[method-assign]
+def forward_sighup(workers: Iterable[Any]) -> None:
+    """The launcher's SIGHUP in the master (cli.Supervisor): every worker reloads in place."""
+    logger.info("SIGHUP: every worker reloads its configuration")
+    for process in workers:
+        if process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGHUP)

@@ -115,7 +115,7 @@ def test_saving_the_watched_file_reloads_routes_too(watched_lb: Any, echo_factor
     assert reloads(server.url)["success"] == 2.0
 
 
-def test_two_workers_reload_in_place_with_the_launcher_hook(echo_factory: Any, tmp_path: Path) -> None:
+def test_two_workers_of_the_launcher_reload_in_place(echo_factory: Any, tmp_path: Path) -> None:
     a, b = echo_factory("a"), echo_factory("b")
     config = tmp_path / "lbapp.json"
     write_config(config, {"backends": [a.url]})
@@ -128,9 +128,9 @@ def test_two_workers_reload_in_place_with_the_launcher_hook(echo_factory: Any, t
         LB_CONFIG=str(config), LB_HEALTH_INTERVAL="60", LB_ACCESS_LOG="false", LB_METRICS_FLUSH_INTERVAL="0.1"
     )
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    code = "from lbapp.reload import take_over_sighup; take_over_sighup(); import uvicorn; uvicorn.main()"
-    args = ["lbapp:app", "--fd", str(fd), "--workers", "2", "--log-level", "warning", "--no-access-log"]
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=[fd], cwd=ROOT, env=env)
+    # The launcher, whose master forwards SIGHUP to its workers.
+    args = ["-m", "lbapp", "--fd", str(fd), "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, *args], pass_fds=[fd], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         wait_until(lambda: _up(base, proc), timeout=30)
