@@ -208,6 +208,10 @@ class AdminEndpoints:
         found = self.clusters.find(url)
         if not found:
             return json_response({"error": "no such backend", "url": url}, 404)
+        leaving = [b for _, b in found if b in self.runtime.removing]
+        if leaving and request.path_params["action"] == "undrain":
+            error = "being removed (DELETE); POST it to /lb-admin/backends to keep it"
+            return json_response({"error": error, "url": leaving[0].url}, 409)
         for pool, backend in found:
             failed = action(pool, backend)
             if failed:

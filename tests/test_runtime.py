@@ -150,6 +150,9 @@ def test_removal_waits_for_a_stream_in_flight(echo_factory: Any) -> None:
         assert (entry["state"], entry["in_flight"]) == ("draining", 1)
         assert servers(server.url, 3) == {"b": 3}
         assert state_of(server.url, a.url) == "draining"  # still there: its stream is running
+        undrain = httpx.post(server.url + API + "/undrain", params={"url": a.url})
+        assert undrain.status_code == 409  # a backend on its way out is not undrained by accident
+        assert state_of(server.url, a.url) == "draining"
         reader.finish()
         wait_until(lambda: state_of(server.url, a.url) is None)
 
