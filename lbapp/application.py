@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
@@ -33,6 +33,9 @@ from .runtime import Runtime
 from .settings import BackendSpec, Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
+from .wsmetrics import WebSocketStats
+from .wsproxy import WebSocketProxy
+from .wsupstream import WebSocketConfig
 
 logger = logging.getLogger("lbapp")
 
@@ -92,12 +95,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         jitter=settings.health_jitter,
         timeout=settings.health_timeout,
     )
+    ws_stats = WebSocketStats()
+    stats.sources.append(ws_stats.families)
+    websocket = WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), ws_stats)
     directory = multiproc_dir()
     metrics = Metrics(stats, clusters, directory)
     runtime = Runtime(clusters, health, stats, settings.drain_timeout)
     guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
     admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
     reloader = Reloader(runtime, settings, secret)
+    stats.sources.append(reloader.families)
     discovery = reloader.discovery = Discovery(runtime, settings.dns_interval)
     for cluster in clusters:
         discovery.set_specs(
@@ -159,11 +166,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
+        # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
+        WebSocketRoute("/{path:path}", websocket),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.clusters = clusters
     app.state.stats = stats
+    app.state.websocket_stats = ws_stats
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health

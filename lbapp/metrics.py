@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,7 +41,6 @@ NO_BACKEND = "none"  # the `route` and `backend` labels of requests answered wit
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 BUDGET_EXHAUSTED = "budget_exhausted"  # lb_retries_total reason: a retry the budget refused
 RETRY_REASONS = (*ERROR_KINDS, BUDGET_EXHAUSTED)
-RELOAD_RESULTS = ("success", "error")
 LB_ERROR_CODES = (502, 503, 504)
 WINDOW = 60.0  # seconds of history behind the status page's rates and quantiles
 
@@ -65,14 +64,15 @@ def error_kind(error: BaseException | None) -> str:
 class Histogram:
     """Bucket counts (not cumulative; the last one is +Inf) and a sum: one bisect per observation."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
 
@@ -91,14 +91,13 @@ class Stats:
         "answered",
         "bytes_in",
         "bytes_out",
-        "config_reloads",
         "durations",
         "in_flight",
-        "last_reload",
         "lb_errors",
         "rate_limited",
         "requests",
         "retries",
+        "sources",
         "started",
         "success",
         "upstream_errors",
@@ -106,6 +105,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.time()
+        # More families, from other parts (e.g. wsmetrics.WebSocketStats), given the backend labels.
+        self.sources: list[Callable[[list[tuple[str, str]]], list[Family]]] = []
         self.requests = 0  # received by the proxy route
         self.in_flight = 0
         self.success = 0  # answered with a backend's response
@@ -117,8 +118,6 @@ class Stats:
         self.bytes_out: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}  # (route, backend, kind)
         self.rate_limited = 0  # no rate limiter yet: exported as 0 so dashboards need no change
-        self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # reload.py counts them
-        self.last_reload = 0.0  # Unix time of the last successful reload (0: none yet)
 
     def begin(self) -> None:
         self.requests += 1
@@ -169,6 +168,7 @@ class Family:
 
     `samples` maps label values to a number, or for a histogram to (bucket counts, sum).
     `mode` is the prometheus-client multiprocess gauge mode used to combine workers.
+    `buckets` are a histogram's upper bounds as prometheus-client writes them.
     """
 
     name: str
@@ -177,6 +177,7 @@ class Family:
     labels: tuple[str, ...] = ()
     mode: str = ""
     samples: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    buckets: tuple[str, ...] = BUCKET_LABELS
 
 
 def families(stats: Stats, clusters: Clusters) -> list[Family]:
@@ -265,12 +266,9 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
                     (b.ejections for b in backends)),
         Family("lb_rate_limited", "Client requests refused by rate limiting.", "counter",
                samples={(): stats.rate_limited}),
-        Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
-               samples={(r,): v for r, v in stats.config_reloads.items()}),
-        Family("lb_config_last_reload_timestamp_seconds", "Unix time of the last successful configuration"
-               " reload (0: none).", "gauge", (), "max", {(): stats.last_reload}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
+        *(f for source in stats.sources for f in source(labels)),
     ]  # fmt: skip
 
 
@@ -290,7 +288,7 @@ def to_prometheus(items: Iterable[Family]) -> Iterator[Metric]:
             metric = HistogramMetricFamily(f.name, f.doc, labels=f.labels)
             for values, (counts, total) in f.samples.items():
                 buckets, acc = [], 0
-                for bound, count in zip(BUCKET_LABELS, counts, strict=True):
+                for bound, count in zip(f.buckets, counts, strict=True):
                     acc += count
                     buckets.append((bound, acc))
                 metric.add_metric(values, buckets, total)

@@ -29,6 +29,7 @@ from typing import Any
 from .cluster import Cluster, build_cluster
 from .discovery import Discovery
 from .layout import Layout, Member, SharedLayout, digest, from_settings
+from .metrics import Family
 from .runtime import Runtime, drop_series
 from .settings import Settings, SettingsError, load_settings
 
@@ -52,22 +53,32 @@ class Reloader:
         self.load = load
         self.shared: SharedLayout | None = None  # with several workers (layout.py)
         self.discovery = Discovery(runtime)  # application.py sets the configured one
+        self.results = {"success": 0, "error": 0}  # lb_config_reloads_total (this worker's)
+        self.last_reload = 0.0  # Unix time of the last successful reload (0: none yet)
+
+    def families(self, labels: object = None) -> list[Family]:
+        """This process's reload metrics (a `Stats.sources` entry)."""
+        return [
+            Family("lb_config_reloads", "Configuration reloads by result (error: the old one stayed).",
+                   "counter", ("result",), samples={(r,): n for r, n in self.results.items()}),
+            Family("lb_config_last_reload_timestamp_seconds", "Unix time of the last successful "
+                   "configuration reload (0: none).", "gauge", (), "max", {(): self.last_reload}),
+        ]  # fmt: skip
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Read, validate and apply the configuration; False (and the old one kept) if invalid."""
-        stats = self.runtime.stats
         try:
             new = self.load()
         except SettingsError as exc:
-            stats.config_reloads["error"] += 1
+            self.results["error"] += 1
             logger.error("configuration reload (%s) failed, keeping the running configuration: %s", why, exc)
             return False
         self.apply(from_settings(new))
         if self.shared is not None:
             self.shared.config_digest = digest(new)
         self.runtime.changed()
-        stats.config_reloads["success"] += 1
-        stats.last_reload = time.time()
+        self.results["success"] += 1
+        self.last_reload = time.time()
         ignored = [
             f"LB_{name.upper()}"
             for name in type(new).model_fields

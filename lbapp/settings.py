@@ -44,6 +44,7 @@ from .config import (
 )
 from .server_settings import ServerSettings
 from .settings_admin import AdminSettings
+from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -111,7 +112,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(ServerSettings, AdminSettings):  # the launcher's fields; the admin API's fields
+class Settings(ServerSettings, WebSocketSettings, AdminSettings):  # fields of their own modules
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
