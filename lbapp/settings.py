@@ -43,6 +43,7 @@ from .config import (
     split_backends,
 )
 from .server_settings import ServerSettings
+from .settings_admin import AdminSettings
 from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
@@ -64,12 +65,14 @@ Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class BackendSpec(BaseModel):
-    """One backend as configured: a base URL and a weight (0 = never picked)."""
+    """One backend as configured: a base URL and a weight (0 = never picked); with `"discovery":
+    "dns"`, one backend per A/AAAA record of the URL's host (discovery.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str
     weight: int = Field(default=1, ge=0, le=1_000_000)
+    discovery: Literal["dns"] | None = None
 
     @field_validator("url")
     @classmethod
@@ -109,7 +112,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(ServerSettings, WebSocketSettings):  # the launcher's, and WebSocket (their modules)
+class Settings(ServerSettings, WebSocketSettings, AdminSettings):  # fields of their own modules
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
@@ -179,8 +182,6 @@ class Settings(ServerSettings, WebSocketSettings):  # the launcher's, and WebSoc
     metrics_path: str = "/metrics"
     json_metrics_path: str = "/lb-metrics"
     status_path: str = "/lb-status"
-    admin_allow: NetworkList = Field(default_factory=list)
-    admin_write_allow: NetworkList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     metrics_flush_interval: Seconds = 1.0
 
     hash_key: Annotated[str, AfterValidator(check_hash_key)] = "ip"
