@@ -32,6 +32,8 @@ from functools import lru_cache
 from heapq import nsmallest
 from typing import Any, Protocol
 
+from .settings import SettingsError
+
 Clock = Callable[[], float]
 Headers = list[tuple[bytes, bytes]]
 
@@ -332,6 +334,23 @@ class RateLimiter:
     async def check(self, headers: Sequence[tuple[bytes, bytes]], client_ip: str) -> Decision:
         """Take a token (a store that cannot answer decides by its fail policy, `error` set)."""
         return await self.store.take(f"{self.route}\x00{self.key(headers, client_ip)}", self.limit)
+
+
+def route_limit(settings: Any, spec: Any = None, where: str = "LB_ROUTES") -> Limit | None:
+    """The limit of the default route (`spec` None) or of a routes-table entry: its own
+    `rate_limit`/`rate_limit_burst` where given, else the top-level ones; None when off."""
+    rate: str = settings.rate_limit
+    burst: int | None = settings.rate_limit_burst
+    if spec is not None:
+        if spec.rate_limit is not None:
+            rate, burst = spec.rate_limit, None
+        if spec.rate_limit_burst is not None:
+            if not rate:
+                raise SettingsError(
+                    f"invalid setting {where}.rate_limit_burst: needs a rate (its rate_limit or LB_RATE_LIMIT)"
+                )
+            burst = spec.rate_limit_burst
+    return Limit.parse(rate, burst) if rate else None
 
 
 def create_store(settings: Any, multiproc_dir: str | None) -> Store:

@@ -98,9 +98,9 @@ class RedisStore:
     async def _run(self, key: str, limit: Limit) -> list[bytes]:
         args = (key, repr(limit.interval), repr(limit.capacity))
         try:
-            result = await self.client.evalsha(SCRIPT_SHA, 1, *args)  # type: ignore[misc]
+            result = await self.client.evalsha(SCRIPT_SHA, 1, *args)
         except NoScriptError:
-            result = await self.client.eval(SCRIPT, 1, *args)  # type: ignore[misc]
+            result = await self.client.eval(SCRIPT, 1, *args)
         return list(result)
 
     def _unavailable(self, limit: Limit) -> Decision:

@@ -133,6 +133,17 @@ def check_hash_key(value: str) -> str:
     raise ValueError("expected ip, path, header:<name> or cookie:<name>")
 
 
+def check_rate_limit(value: str) -> str:
+    """`<n>/s`, `<n>/m`, `<n>/h`, or empty / `off` (no limit, as "")."""
+    value = value.strip().lower()
+    if value in ("", "off"):
+        return ""
+    from .ratelimit import parse_rate
+
+    parse_rate(value)
+    return value.replace(" ", "")
+
+
 class RouteSpec(BaseModel):
     """One entry of the routes table: requests under `prefix` go to their own backends."""
 
@@ -142,6 +153,14 @@ class RouteSpec(BaseModel):
     backends: Annotated[list[BackendSpec], Field(min_length=1)]
     algorithm: str | None = None  # None: the top-level LB_ALGORITHM
     strip_prefix: bool = False
+    # --- rate limiting (None: the top-level LB_RATE_LIMIT / LB_RATE_LIMIT_BURST; "off": none) ---
+    rate_limit: str | None = None
+    rate_limit_burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        return check_rate_limit(value) if value is not None else None
 
     @field_validator("prefix")
     @classmethod
@@ -354,6 +373,64 @@ class Settings(BaseSettings):
                     raise ValueError(f"{item!r} is not an IP network (CIDR) or address") from None
         return value
 
+    # --- rate limiting ---
+    rate_limit: str = ""  # <n>/s, <n>/m, <n>/h; empty: off
+    rate_limit_burst: int | None = Field(default=None, ge=1, le=1_000_000_000)  # None: n
+    rate_limit_key: str = "ip"  # ip | header:<Name>
+    rate_limit_ipv6_prefix: int = Field(default=64, ge=1, le=128)
+    rate_limit_redis_url: str = ""  # empty: buckets in this instance (shared by its workers)
+    rate_limit_redis_timeout: Seconds = 0.05
+    rate_limit_fail_open: bool = True
+    rate_limit_max_keys: int = Field(default=100_000, ge=16, le=100_000_000)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        return check_rate_limit(value)
+
+    @field_validator("rate_limit_burst", mode="before")
+    @classmethod
+    def _empty_burst(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("rate_limit_burst")
+    @classmethod
+    def _check_burst(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("rate_limit"):
+            raise ValueError("needs LB_RATE_LIMIT (a burst of no rate)")
+        return value
+
+    @field_validator("rate_limit_key")
+    @classmethod
+    def _check_rate_limit_key(cls, value: str) -> str:
+        from .ratelimit import check_key
+
+        return check_key(value)
+
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip()
+        if value:
+            try:
+                parts = urlsplit(value)
+                port = parts.port
+            except ValueError:
+                raise ValueError("not a valid URL") from None
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+            if parts.scheme != "unix" and not parts.hostname:
+                raise ValueError("no host")
+            del port
+        return value
+
+    @field_validator("rate_limit_redis_timeout", mode="before")
+    @classmethod
+    def _parse_redis_timeout(cls, value: Any) -> Any:
+        return parse_duration(value)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -424,7 +501,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-_SECRET_FIELDS = {"sticky_secret"}
+_SECRET_FIELDS = {"sticky_secret", "rate_limit_redis_url"}
 
 
 def _describe(error: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import subprocess
@@ -21,7 +22,9 @@ from lbapp.ratelimit import (
     SharedStore,
     check_key,
     parse_rate,
+    route_limit,
 )
+from lbapp.settings import Settings, SettingsError, load_settings
 
 from .conftest import ROOT
 
@@ -281,3 +284,98 @@ def test_shared_store_evicts_only_when_a_set_is_full(tmp_path: Path) -> None:
     for i in range(16):
         store.take_now(f"n{i}", limit)
     assert store.evicted == 1
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_rate_limit_settings_defaults() -> None:
+    settings = Settings(backends=["http://127.0.0.1:1"])
+    assert settings.rate_limit == "" and route_limit(settings) is None
+    assert settings.rate_limit_burst is None
+    assert settings.rate_limit_key == "ip"
+    assert settings.rate_limit_ipv6_prefix == 64
+    assert settings.rate_limit_redis_url == ""
+    assert settings.rate_limit_redis_timeout == 0.05
+    assert settings.rate_limit_fail_open is True
+    assert settings.rate_limit_max_keys == 100_000
+
+
+def test_rate_limit_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_RATE_LIMIT", "120/m")
+    monkeypatch.setenv("LB_RATE_LIMIT_BURST", "30")
+    monkeypatch.setenv("LB_RATE_LIMIT_KEY", "header:X-Tenant")
+    monkeypatch.setenv("LB_RATE_LIMIT_REDIS_URL", "redis://:pw@127.0.0.1:6379/2")
+    monkeypatch.setenv("LB_RATE_LIMIT_REDIS_TIMEOUT", "20ms")
+    monkeypatch.setenv("LB_RATE_LIMIT_FAIL_OPEN", "false")
+    settings = load_settings()
+    limit = route_limit(settings)
+    assert limit is not None and limit.burst == 30 and limit.interval == 0.5
+    assert settings.rate_limit_key == "header:x-tenant"
+    assert settings.rate_limit_redis_timeout == 0.02 and settings.rate_limit_fail_open is False
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LB_RATE_LIMIT": "10/d"}, "invalid setting LB_RATE_LIMIT: expected <n>/s"),
+        ({"LB_RATE_LIMIT_BURST": "5"}, "invalid setting LB_RATE_LIMIT_BURST: needs LB_RATE_LIMIT"),
+        ({"LB_RATE_LIMIT": "5/s", "LB_RATE_LIMIT_BURST": "0"}, "invalid setting LB_RATE_LIMIT_BURST:"),
+        ({"LB_RATE_LIMIT_KEY": "cookie:a"}, "invalid setting LB_RATE_LIMIT_KEY: expected ip or header"),
+        ({"LB_RATE_LIMIT_IPV6_PREFIX": "129"}, "invalid setting LB_RATE_LIMIT_IPV6_PREFIX:"),
+        ({"LB_RATE_LIMIT_REDIS_URL": "http://h"}, "invalid setting LB_RATE_LIMIT_REDIS_URL: expected redis"),
+        ({"LB_RATE_LIMIT_REDIS_TIMEOUT": "0"}, "invalid setting LB_RATE_LIMIT_REDIS_TIMEOUT:"),
+        ({"LB_RATE_LIMIT_FAIL_OPEN": "maybe"}, "invalid setting LB_RATE_LIMIT_FAIL_OPEN:"),
+    ],
+)
+def test_bad_rate_limit_settings_stop_start_up(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(message), caught.value
+    assert "\n" not in str(caught.value)
+
+
+def test_redis_url_password_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LB_RATE_LIMIT_REDIS_URL", "redis://:hunter2hunter2@/0")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_route_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "lb.json"
+    config.write_text(
+        json.dumps(
+            {
+                "rate_limit": "10/s",
+                "routes": [
+                    {"prefix": "/api", "backends": "http://127.0.0.1:1", "rate_limit": "2/s"},
+                    {"prefix": "/big", "backends": "http://127.0.0.1:1", "rate_limit_burst": 50},
+                    {"prefix": "/free", "backends": "http://127.0.0.1:1", "rate_limit": "off"},
+                    {"prefix": "/same", "backends": "http://127.0.0.1:1"},
+                ],
+            }
+        )
+    )
+    monkeypatch.setenv("LB_CONFIG", str(config))
+    settings = load_settings()
+    api, big, free, same = (route_limit(settings, spec) for spec in settings.routes)
+    assert api is not None and (api.burst, api.interval) == (2, 0.5)
+    assert big is not None and (big.burst, big.interval) == (50, 0.1)
+    assert free is None
+    assert same is not None and (same.burst, same.interval) == (10, 0.1)
+
+
+def test_route_burst_without_any_rate_is_refused() -> None:
+    settings = Settings(
+        backends=["http://127.0.0.1:1"],
+        routes=[{"prefix": "/a", "backends": "http://127.0.0.1:1", "rate_limit_burst": 5}],
+    )
+    with pytest.raises(SettingsError, match=r"invalid setting LB_ROUTES\[0\].rate_limit_burst: needs a rate"):
+        route_limit(settings, settings.routes[0], "LB_ROUTES[0]")
+    with pytest.raises(SettingsError, match=r"LB_ROUTES\[0\].rate_limit: expected <n>/s"):
+        load_settings(routes=[{"prefix": "/a", "backends": "http://127.0.0.1:1", "rate_limit": "fast"}])
