@@ -347,7 +347,7 @@ def route_limit(settings: Any, spec: Any = None, where: str = "LB_ROUTES") -> Li
         if spec.rate_limit_burst is not None:
             if not rate:
                 raise SettingsError(
-                    f"invalid setting {where}.rate_limit_burst: needs a rate (its rate_limit or LB_RATE_LIMIT)"
+                    f"invalid setting {where}.rate_limit_burst: needs a rate (rate_limit or LB_RATE_LIMIT)"
                 )
             burst = spec.rate_limit_burst
     return Limit.parse(rate, burst) if rate else None
