@@ -26,7 +26,8 @@ from .metrics import Stats
 from .multiproc import multiproc_dir
 from .pool import Pool
 from .proxy import Proxy
-from .routing import build_router
+from .ratelimit import create_store
+from .routing import attach_limiters, build_router
 from .settings import Settings, SettingsError, load_settings
 from .status import STATUS_PAGE
 from .views import Metrics
@@ -73,6 +74,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     pool = Pool.from_settings(settings.backends, settings)
     stats = Stats()
     proxy = Proxy(settings, pool, balancer, stats, router)
+    limit_store = (
+        create_store(settings, multiproc_dir())
+        if settings.rate_limit or any(r.rate_limit for r in settings.routes)
+        else None
+    )
+    if limit_store is not None:
+        stats.limited_routes(attach_limiters(settings, proxy.cluster, router, limit_store))
     health = HealthChecker(pool, settings)
     metrics = Metrics(stats, pool, multiproc_dir())
     guard = AdminGuard(settings.admin_allow)
@@ -119,6 +127,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
             await proxy.upstream.aclose()
+            if limit_store is not None:
+                await limit_store.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
     async def prometheus(request: Request) -> Response:

@@ -95,6 +95,7 @@ class Stats:
         "durations",
         "in_flight",
         "lb_errors",
+        "rate_limit_errors",
         "rate_limited",
         "requests",
         "retries",
@@ -115,7 +116,8 @@ class Stats:
         self.bytes_in: dict[str, int] = {}
         self.bytes_out: dict[str, int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}  # (backend, kind)
-        self.rate_limited = 0  # no rate limiter yet: exported as 0 so dashboards need no change
+        self.rate_limited: dict[str, int] = {}  # refused (429) by route; see `limited_routes`
+        self.rate_limit_errors = 0  # requests the limiter's store could not answer for
         self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # no reload yet, same reason
 
     @property
@@ -159,6 +161,18 @@ class Stats:
     def retry(self, error: BaseException | None) -> None:
         reason = error_kind(error)
         self.retries[reason] = self.retries.get(reason, 0) + 1
+
+    def limited_routes(self, routes: Iterable[str]) -> None:
+        """The routes with a rate limit: exported at 0 from the start."""
+        for route in routes:
+            self.rate_limited.setdefault(route, 0)
+
+    def rate_limit(self, route: str, allowed: bool, error: bool) -> None:
+        """A rate-limit decision that was not a plain pass: refused, or without an answer."""
+        if not allowed:
+            self.rate_limited[route] = self.rate_limited.get(route, 0) + 1
+        if error:
+            self.rate_limit_errors += 1
 
     def retry_denied(self) -> None:
         """A retry that was safe but refused by the retry budget (not an attempt)."""
@@ -272,8 +286,12 @@ def families(stats: Stats, pool: Pool) -> list[Family]:
         checks,
         per_backend("lb_outlier_ejections", "Backends ejected by passive outlier detection.", "counter",
                     (b.ejections for b in backends)),
-        Family("lb_rate_limited", "Client requests refused by rate limiting.", "counter",
-               samples={(): stats.rate_limited}),
+        Family("lb_rate_limited", "Client requests refused by rate limiting (429, or 503 when the"
+               " store is down and LB_RATE_LIMIT_FAIL_OPEN is false), by route prefix.", "counter",
+               ("route",), samples={(r,): n for r, n in (stats.rate_limited or {"/": 0}).items()}),
+        Family("lb_rate_limit_errors", "Requests the rate limiter's store (Redis) did not answer for in"
+               " time, decided by LB_RATE_LIMIT_FAIL_OPEN.", "counter",
+               samples={(): stats.rate_limit_errors}),
         Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
                samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",

@@ -16,7 +16,16 @@ from .requestid import HEADER, ensure_request_id
 
 
 class Tap:
-    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "request_id", "status")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "bytes_in",
+        "bytes_out",
+        "headers_at",
+        "rate_limit",
+        "request_id",
+        "status",
+    )
 
     def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.request_id = ensure_request_id(scope)
@@ -26,6 +35,7 @@ class Tap:
         self.bytes_out = 0
         self.headers_at = 0.0  # perf_counter() when the response headers were sent, 0 before
         self.status = 0
+        self.rate_limit: str | None = None  # pass, limited or error; None: the route has no limit
 
     async def receive(self) -> Any:
         message = await self._receive()
@@ -68,5 +78,6 @@ def access_log(
             "total_ms": round((now - started) * 1000, 3),
             "bytes_in": tap.bytes_in,
             "bytes_out": tap.bytes_out,
+            "rate_limit": tap.rate_limit,
         }
     )

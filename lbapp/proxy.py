@@ -29,6 +29,7 @@ from .headers import (
 from .metrics import Stats
 from .observe import Tap, access_log
 from .pool import Backend, Pool, wake_one
+from .ratelimit import Decision
 from .routing import Cluster, Router
 from .settings import Settings
 from .streaming import ClientBody, ClientDisconnected, Exchange
@@ -71,6 +72,8 @@ ERRORS = {
     504: json_error(504, "gateway timeout"),
 }
 OVERLOADED = json_error(503, "all backends are at capacity")
+RATE_LIMITED = json_error(429, "rate limited")
+LIMITER_DOWN = json_error(503, "rate limiter unavailable")
 
 
 def has_idempotency_key(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -123,7 +126,9 @@ class Proxy:
 
     @balancer.setter
     def balancer(self, balancer: Balancer) -> None:
+        limiter = self.cluster.limiter
         self.cluster = Cluster(self.pool, balancer)
+        self.cluster.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -135,7 +140,7 @@ class Proxy:
         backend: Backend | None = None
         attempts = 0
         try:
-            status, backend, attempts = await self._handle(scope, tap.receive, tap.send, exchange, started)
+            status, backend, attempts = await self._handle(scope, tap, exchange, started)
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -149,8 +154,9 @@ class Proxy:
                 access_log(scope, tap, status, backend, attempts, started)
 
     async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, started: float
+        self, scope: Scope, tap: Tap, exchange: Exchange, started: float
     ) -> tuple[int, Backend | None, int]:
+        receive, send = tap.receive, tap.send
         method: str = scope["method"]
         client = scope.get("client")
         peer = client[0] if client else "unknown"
@@ -166,6 +172,17 @@ class Proxy:
             cluster, raw_target = self.router.route(raw_target, cluster)
         if scope.get("query_string"):
             raw_target += b"?" + scope["query_string"]
+        limiter = cluster.limiter
+        if limiter is not None:  # before a backend is chosen: a refusal costs no backend anything
+            decision = await limiter.check(scope["headers"], client_ip)
+            if decision.allowed and not decision.error:
+                tap.rate_limit = "pass"
+            else:
+                self.stats.rate_limit(limiter.route, decision.allowed, decision.error)
+                tap.rate_limit = "error" if decision.error else "limited"
+                if not decision.allowed:
+                    return await self._refuse(send, decision), None, 0
+            send = with_response_headers(send, decision.headers())
 
         idempotency_key = method not in IDEMPOTENT and has_idempotency_key(head.headers)
         body = ClientBody(receive, exchange, idempotency_key) if head.has_body else None
@@ -388,6 +405,16 @@ class Proxy:
             if backend.waiters:
                 wake_one(backend.waiters)
             await response.aclose()
+
+    async def _refuse(self, send: Send, decision: Decision) -> int:
+        """429 (or 503 when the store did not answer and the fail policy is closed)."""
+        start, body = LIMITER_DOWN if decision.error else RATE_LIMITED
+        status: int = start["status"]
+        if decision.error:
+            self.stats.observe_error(status)
+        await send({**start, "headers": [*start["headers"], *decision.headers()]})
+        await send(body)
+        return status
 
     async def _overloaded(self, send: Send) -> int:
         """503 with Retry-After: every backend stayed at its cap for the whole queue timeout."""

@@ -13,17 +13,19 @@ from collections.abc import Sequence
 
 from .balancers import Balancer, create_balancer
 from .pool import Backend, Pool
+from .ratelimit import KeyFunction, RateLimiter, Store, route_limit
 from .settings import RouteSpec, Settings, SettingsError
 
 
 class Cluster:
     """A pool and the policy balancing it, with the policy's optional hooks looked up once."""
 
-    __slots__ = ("balancer", "observe", "pool", "response_headers", "standby")
+    __slots__ = ("balancer", "limiter", "observe", "pool", "response_headers", "standby")
 
     def __init__(self, pool: Pool, balancer: Balancer) -> None:
         self.pool = pool
         self.balancer = balancer
+        self.limiter: RateLimiter | None = None  # this route's rate limit (set by create_app)
         # None when the policy has no such hook: the proxy then skips the call (and its timing).
         self.observe = getattr(balancer, "observe", None)
         self.response_headers = getattr(balancer, "response_headers", None)
@@ -95,3 +97,21 @@ def build_router(settings: Settings) -> Router | None:
         pool = Pool.from_settings(spec.backends, settings)
         routes.append(Route(spec.prefix, Cluster(pool, balancer), spec.strip_prefix))
     return Router(routes)
+
+
+def attach_limiters(settings: Settings, default: Cluster, router: Router | None, store: Store) -> list[str]:
+    """Give every cluster with a rate limit its limiter; returns the limited routes' prefixes."""
+    key = KeyFunction(settings.rate_limit_key, settings.rate_limit_ipv6_prefix)
+    limited = []
+    clusters: list[tuple[str, Cluster, RouteSpec | None, str]] = [("/", default, None, "LB_RATE_LIMIT")]
+    if router is not None:
+        specs = {spec.prefix: (index, spec) for index, spec in enumerate(settings.routes)}
+        for route in router.routes:
+            index, route_spec = specs[route.prefix.decode()]
+            clusters.append((route_spec.prefix, route.cluster, route_spec, f"LB_ROUTES[{index}]"))
+    for prefix, cluster, spec, where in clusters:
+        limit = route_limit(settings, spec, where)
+        if limit is not None:
+            cluster.limiter = RateLimiter(prefix, limit, key, store)
+            limited.append(prefix)
+    return limited
