@@ -9,23 +9,28 @@ keys expire exactly when full), and the decision the same few float operations e
 Stores (which one is chosen in `create_store`):
 - `LocalStore`: one process; a dict bounded at `max_keys` buckets (full ones swept first, then
   those closest to full). Exact while fewer than `max_keys` clients hold a non-full bucket.
-- `SharedStore`: several uvicorn workers of one instance; a fixed-size table in a shared
-  `mmap`'d file, sets of 16 slots chosen by key hash, each set guarded by an `fcntl` byte-range
-  lock. Exact (a lock makes each read-decide-write atomic across workers) unless more than 16
-  clients with non-full buckets hash to one set; then the one closest to full is evicted and
-  gets back at most the tokens it was owed (never more than `burst`).
+- `SharedStore`: several uvicorn workers of one instance; a fixed-size table in an `mmap`'d
+  file (in `PROMETHEUS_MULTIPROC_DIR`, else in the temp dir under the supervisor's pid): sets
+  of 16 slots chosen by key hash, each set guarded by an `fcntl` byte-range lock. Exact (the
+  lock makes each read-decide-write atomic across workers) unless more than 16 clients with
+  non-full buckets hash to one set; then the one closest to full is evicted and gets back at
+  most the tokens it was owed (never more than `burst`).
 - `redisstore.RedisStore`: several instances; one Lua script per request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import hashlib
 import ipaddress
 import math
 import mmap
+import multiprocessing
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -354,8 +359,8 @@ def route_limit(settings: Any, spec: Any = None, where: str = "LB_ROUTES") -> Li
 
 
 def create_store(settings: Any, multiproc_dir: str | None) -> Store:
-    """Redis when configured; else the shared table with several workers (they share
-    `PROMETHEUS_MULTIPROC_DIR`); else the local dict."""
+    """Redis when configured; else, in a worker of `uvicorn --workers N`, the shared table
+    (in `PROMETHEUS_MULTIPROC_DIR`, or the temp dir under the supervisor's pid); else a dict."""
     if settings.rate_limit_redis_url:
         from .redisstore import RedisStore
 
@@ -366,5 +371,22 @@ def create_store(settings: Any, multiproc_dir: str | None) -> Store:
         )
     if multiproc_dir:
         os.makedirs(multiproc_dir, exist_ok=True)
-        return SharedStore(os.path.join(multiproc_dir, "lbapp-ratelimit.table"), settings.rate_limit_max_keys)
+        return SharedStore(os.path.join(multiproc_dir, TABLE_NAME), settings.rate_limit_max_keys)
+    if multiprocessing.parent_process() is not None:  # a worker spawned by uvicorn's supervisor
+        directory = tempfile.gettempdir()
+        remove_stale_tables(directory)
+        path = os.path.join(directory, f"lbapp-ratelimit-{os.getppid()}.table")
+        return SharedStore(path, settings.rate_limit_max_keys)
     return LocalStore(settings.rate_limit_max_keys)
+
+
+TABLE_NAME = "lbapp-ratelimit.table"
+
+
+def remove_stale_tables(directory: str) -> None:
+    """Tables in the temp dir whose supervisor is gone (one per earlier run)."""
+    for path in glob.glob(os.path.join(directory, "lbapp-ratelimit-*.table")):
+        pid = os.path.basename(path)[len("lbapp-ratelimit-") : -len(".table")]
+        if pid.isdigit() and int(pid) != os.getppid() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.remove(path)

@@ -128,15 +128,21 @@ def test_two_instances_share_one_limit_through_redis(
             lb.stop()
 
 
-def test_two_workers_enforce_one_limit(echo_backends: list[EchoBackend], tmp_path: Path) -> None:
+@pytest.mark.parametrize("metrics_dir", [True, False])
+def test_two_workers_enforce_one_limit(
+    echo_backends: list[EchoBackend], tmp_path: Path, metrics_dir: bool
+) -> None:
+    """`--workers 2`: one table shared by both, in PROMETHEUS_MULTIPROC_DIR or else in the temp dir."""
     directory = tmp_path / "metrics"
     env = {
         "LB_BACKENDS": echo_backends[0].url,
         "LB_HEALTH_INTERVAL": "60",
         "LB_ACCESS_LOG": "false",
         "LB_RATE_LIMIT": "30/h",
-        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "TMPDIR": str(tmp_path),
     }
+    if metrics_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     lb = LBProcess(env, "--workers", "2")
     try:
         codes: list[int] = []
@@ -153,6 +159,9 @@ def test_two_workers_enforce_one_limit(echo_backends: list[EchoBackend], tmp_pat
             thread.join(timeout=60)
         assert len(codes) == 80
         assert codes.count(200) == 30 and codes.count(429) == 50  # not 2 x 30
+        if not metrics_dir:
+            assert (tmp_path / f"lbapp-ratelimit-{lb.proc.pid}.table").exists()
+            return
         # Both workers took part (each flushes its counters within a second).
         wait_until(lambda: sum(requests_per_worker(directory).values()) == 80, timeout=10)
         per_worker = requests_per_worker(directory)
