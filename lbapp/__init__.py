@@ -1,4 +1,4 @@
-"""lbapp: an HTTP load balancer served by uvicorn (`uvicorn lbapp:app`)."""
+"""lbapp: an HTTP load balancer served by uvicorn (`lbapp`, or `uvicorn lbapp:app`)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,27 @@ from typing import Any
 
 from .application import create_app
 from .settings import Settings, SettingsError, load_settings
+from .version import VERSION
 
 __all__ = ["Settings", "SettingsError", "app", "create_app", "load_settings"]
-__version__ = "0.1.0"
+__version__ = VERSION
 
 _app: Any = None
 
 
 def __getattr__(name: str) -> Any:
-    """Build `app` on first access, so importing lbapp in tests reads no environment."""
+    """`lbapp.app`, the entry point of `uvicorn lbapp:app`: built on first access, so importing
+    lbapp in tests reads no environment; as an entry point it also configures logging."""
     global _app
     if name != "app":
         raise AttributeError(f"module 'lbapp' has no attribute {name!r}")
     if _app is None:
+        from .logs import configure_logging
+
         try:
-            _app = create_app()
+            settings = load_settings()
+            configure_logging(settings.debug, settings.access_log, settings.log_format)
+            _app = create_app(settings)
         except SettingsError as exc:
             print(f"lbapp: {exc}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -1,93 +1,93 @@
-"""`create_app`: settings -> pool -> balancer -> proxy, wired into a Starlette app with a lifespan.
+"""`create_app`: the composition root. Settings -> clusters -> proxy -> upstream, metrics observing.
 
-The lifespan owns everything with a lifetime: the shared upstream client (one per process, never
-per request) and the health-check task, which is cancelled and awaited on shutdown.
+It only wires: every part is built from the values it uses, and the lifespan owns everything with
+a lifetime (the shared upstream client, one per process; the health loop; the metrics ticker),
+cancelled and awaited on shutdown. Logging is the entry point's business (logs.configure_logging).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
-from .balancers import create_balancer
-from .headers import Networks
+from .admin import AdminEndpoints, AdminGuard
+from .cluster import Clusters, build_clusters
+from .headers import TrustedProxies
 from .health import HealthChecker
-from .logs import configure_logging
+from .limitstores import create_store
 from .metrics import Stats
 from .multiproc import multiproc_dir
-from .pool import Pool
+from .observe import AccessLog
 from .proxy import Proxy
-from .ratelimit import create_store
-from .routing import attach_limiters, build_router
-from .settings import Settings, SettingsError, load_settings
-from .status import STATUS_PAGE
+from .ratelimit import attach_limiters, limited
+from .retry import RetryBudget, RetryPolicy
+from .settings import Settings, load_settings
+from .upstream import Upstream
 from .views import Metrics
 
 logger = logging.getLogger("lbapp")
 
 
-def forbidden() -> Response:
-    return Response(b'{"error": "forbidden"}', status_code=403, media_type="application/json")
-
-
-NO_STORE = {"cache-control": "no-store"}
-ADMIN_ACTIONS = ("drain", "undrain", "eject", "uneject")
-
-
-def json_response(document: dict[str, object], status: int = 200) -> Response:
-    return Response(json.dumps(document), status_code=status, media_type="application/json")
-
-
-class AdminGuard:
-    """`LB_ADMIN_ALLOW`: the networks allowed to read the admin endpoints (empty: everyone).
-
-    Matched against the TCP peer, never against `X-Forwarded-For`, which anyone can send.
-    """
-
-    def __init__(self, networks: list[str]) -> None:
-        self.networks = Networks(networks)
-
-    def allows(self, request: Request) -> bool:
-        if not self.networks:
-            return True
-        return request.client is not None and self.networks.contains(request.client.host)
+def sticky_secret(settings: Settings) -> bytes:
+    """`LB_STICKY_SECRET`, or a random one for this process (said in the log when it matters)."""
+    if settings.sticky_secret is not None:
+        return settings.sticky_secret.get_secret_value().encode()
+    uses_sticky = settings.algorithm == "sticky" or any(r.algorithm == "sticky" for r in settings.routes)
+    if uses_sticky:
+        logger.warning(
+            "LB_STICKY_SECRET is not set: using a random one, so sticky sessions will not survive "
+            "a restart and are not shared between workers"
+        )
+    return secrets.token_bytes(32)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the load balancer; `settings` defaults to the environment, settings.env and LB_CONFIG."""
     settings = settings or load_settings()
-    configure_logging(settings)
-    try:
-        balancer = create_balancer(settings.algorithm, settings)
-    except ValueError as exc:
-        raise SettingsError(f"invalid setting LB_ALGORITHM: {exc}") from None
-    router = build_router(settings)
-    pool = Pool.from_settings(settings.backends, settings)
-    stats = Stats()
-    proxy = Proxy(settings, pool, balancer, stats, router)
-    limit_store = (
-        create_store(settings, multiproc_dir())
-        if settings.rate_limit or any(r.rate_limit for r in settings.routes)
-        else None
-    )
+    clusters = build_clusters(settings, sticky_secret(settings))
+    limit_store = create_store(settings, multiproc_dir()) if limited(settings) else None
     if limit_store is not None:
-        stats.limited_routes(attach_limiters(settings, proxy.cluster, router, limit_store))
-    health = HealthChecker(pool, settings)
-    metrics = Metrics(stats, pool, multiproc_dir())
-    guard = AdminGuard(settings.admin_allow)
-    write_guard = AdminGuard(settings.admin_write_allow)
-    pools = [pool, *(r.cluster.pool for r in router.routes)] if router else [pool]
-    # Each route's pool is checked by a loop of its own, like the default pool.
-    route_health = [HealthChecker(r.cluster.pool, settings) for r in router.routes] if router else []
+        attach_limiters(settings, clusters, limit_store)
+    stats = Stats()
+    upstream = Upstream(
+        transport=settings.transport,
+        connect_timeout=settings.connect_timeout,
+        timeout=settings.upstream_timeout,
+        idle_timeout=settings.upstream_idle_timeout,
+        max_connections=settings.upstream_max_connections,
+    )
+    proxy = Proxy(
+        clusters,
+        upstream,
+        stats,
+        retry=RetryPolicy(settings.max_retries, settings.retry_delay),
+        budget=RetryBudget(settings.retry_budget, settings.retry_budget_min),
+        trusted=TrustedProxies(settings.trusted_proxies),
+        preserve_host=settings.preserve_host,
+        access_log=AccessLog() if settings.access_log else None,
+    )
+    health = HealthChecker(
+        [cluster.pool for cluster in clusters],
+        kind=settings.health_type,
+        path=settings.health_path,
+        method=settings.health_method,
+        expected=settings.health_expected_status,
+        body=settings.health_body,
+        interval=settings.health_interval,
+        unhealthy_interval=settings.health_unhealthy_interval,
+        jitter=settings.health_jitter,
+        timeout=settings.health_timeout,
+    )
+    metrics = Metrics(stats, clusters, multiproc_dir())
+    admin = AdminEndpoints(
+        clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
+    )
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -100,24 +100,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        proxy.upstream.start()
-        tasks = [asyncio.create_task(health.run(), name="lbapp-health")]
-        tasks += [asyncio.create_task(h.run(), name="lbapp-health-route") for h in route_health]
+        upstream.start()
+        if proxy.access_log is not None:
+            proxy.access_log.start()  # the entry point has configured logging by now
         metrics.tick()  # the status page's first point; this worker's multiprocess files exist
-        tasks.append(asyncio.create_task(tick(), name="lbapp-metrics"))
-        logger.info(
-            "lbapp balancing %d backends (%s): %s",
-            len(pool.backends),
-            settings.algorithm,
-            ", ".join(b.url for b in pool.backends),
-        )
-        for route in router.routes if router else ():
-            logger.info(
-                "route %s: %d backends (%s)",
-                route.prefix.decode(),
-                len(route.cluster.pool.backends),
-                type(route.cluster.balancer).__name__,
-            )
+        tasks = [
+            asyncio.create_task(health.run(), name="lbapp-health"),
+            asyncio.create_task(tick(), name="lbapp-metrics"),
+        ]
+        log_clusters(clusters)
         try:
             yield
         finally:
@@ -126,84 +117,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for running in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
-            await proxy.upstream.aclose()
+            await upstream.aclose()
             if limit_store is not None:
                 await limit_store.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
-    async def prometheus(request: Request) -> Response:
-        if not guard.allows(request):
-            return forbidden()
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    async def metrics_json(request: Request) -> Response:
-        if not guard.allows(request):
-            return forbidden()
-        return Response(json.dumps(metrics.lb_metrics()), media_type="application/json")
-
-    async def status(request: Request) -> Response:
-        if not guard.allows(request):
-            return forbidden()
-        if request.query_params.get("format") == "json":
-            return Response(json.dumps(metrics.status()), media_type="application/json", headers=NO_STORE)
-        return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=NO_STORE)
-
-    async def backend_action(request: Request) -> Response:
-        """POST /lb-admin/backends/{drain,undrain,eject,uneject}?url=...: every pool holding it."""
-        if not write_guard.allows(request):
-            return forbidden()
-        action = request.path_params["action"]
-        if action not in ADMIN_ACTIONS:
-            return json_response(
-                {"error": f"unknown action, expected one of {', '.join(ADMIN_ACTIONS)}"}, 404
-            )
-        url = request.query_params.get("url", "")
-        found = [(p, b) for p in pools if (b := p.find(url)) is not None]
-        if not found:
-            return json_response({"error": "no such backend", "url": url}, 404)
-        for owner, backend in found:
-            if action == "drain":
-                owner.drain(backend)
-            elif action == "undrain":
-                owner.undrain(backend)
-            elif action == "uneject":
-                owner.uneject(backend, "returned through the admin API")
-            elif not backend.ejected_until and not owner.eject(backend, "ejected through the admin API"):
-                return json_response(
-                    {"error": "LB_OUTLIER_MAX_EJECTION_PERCENT reached", "url": backend.url}, 409
-                )
-        backend = found[0][1]
-        return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
-
-    async def live(request: Request) -> Response:
-        return Response(b'{"status": "ok"}', media_type="application/json")
-
-    async def ready(request: Request) -> Response:
-        # Envoy's /ready: started and serving, whatever the backends' health (an LB with every
-        # backend down still answers 503 and serves /metrics; restarting it would fix nothing).
-        client = proxy.upstream.client
-        ok = client is not None and not client.is_closed
-        body = json.dumps({"ready": ok, "healthy_backends": len(pool.eligible)})
-        return Response(body, status_code=200 if ok else 503, media_type="application/json")
-
-    admin = (
-        (settings.metrics_path, prometheus),
-        (settings.json_metrics_path, metrics_json),
-        (settings.status_path, status),
-    )
     routes = [
-        *(Route(path, endpoint, methods=["GET"]) for path, endpoint in admin if path),
-        Route("/lb-health", live, methods=["GET"]),
-        Route("/lb-admin/backends/{action}", backend_action, methods=["POST"]),
-        Route("/lb-ready", ready, methods=["GET"]),
+        *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
-    app.state.pool = pool
+    app.state.clusters = clusters
     app.state.stats = stats
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
-    app.state.router = router
     return app
+
+
+def log_clusters(clusters: Clusters) -> None:
+    for cluster in clusters:
+        logger.info(
+            "route %s: balancing %d backends (%s): %s",
+            cluster.prefix,
+            len(cluster.pool.backends),
+            type(cluster.balancer).__name__,
+            ", ".join(b.url for b in cluster.pool.backends),
+        )

@@ -1,87 +1,29 @@
-"""Balancing policies: each one small class with `pick(backends, request) -> Backend`.
+"""The built-in balancing policies, each one small class (the contract is in policy.py).
 
-Policies only ever see eligible backends (healthy, weight above 0, in configured order), and
-`backends` is never empty. Two optional methods let a policy learn and answer, and the proxy
-calls them only for the policies that have them (round robin pays nothing):
-
-- `observe(backend, seconds, ok)`: an attempt on `backend` ended after `seconds` (time to the
-  response head), `ok` False when it failed without an answer.
-- `response_headers(backend, request)`: headers to add to the client's response, or None.
-
-A policy with `standby = True` also sees healthy backends of weight 0 (only `first` does).
+`create_balancer(name, ...)` builds one by name, or loads a `package.module:Class` plugin.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 import math
 import random
+import secrets
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Any, Protocol, cast
+from typing import cast
 
-from .hashing import ConsistentHash, IpHash, Sticky, sticky_secret
-from .pool import Backend, effective_weight
-from .settings import Settings
-
-logger = logging.getLogger("lbapp.balancers")
-
-Headers = list[tuple[bytes, bytes]]
-
-
-class RequestInfo:
-    """What a policy may look at: the ASGI scope and the resolved client address.
-
-    `note` is scratch space for the policy that picks for this request (sticky keeps the
-    backend its cookie named there, to know whether the response must set a new one).
-    """
-
-    __slots__ = ("client_ip", "note", "scope", "trusted")
-
-    def __init__(self, scope: dict[str, Any], client_ip: str, trusted: bool = False) -> None:
-        self.scope = scope
-        self.client_ip = client_ip
-        self.trusted = trusted  # the peer is a trusted proxy: its X-Forwarded-Proto counts
-        self.note: Any = None
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a request header (`name` in lower case)."""
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return bytes(value)
-        return None
-
-    def cookies(self, name: str) -> list[str]:
-        """Every value the client sent for cookie `name` (there may be several)."""
-        found = []
-        for key, value in self.scope["headers"]:
-            if key == b"cookie":
-                for pair in value.decode("latin-1").split(";"):
-                    cookie, sep, text = pair.strip().partition("=")
-                    if sep and cookie == name:
-                        found.append(text.strip().strip('"'))
-        return found
-
-    @property
-    def https(self) -> bool:
-        """The client talks https to us, or (trusted proxy only) to the proxy in front."""
-        if self.scope.get("scheme") == "https":
-            return True
-        proto = self.header(b"x-forwarded-proto") if self.trusted else None
-        return proto is not None and proto.split(b",")[0].strip().lower() == b"https"
-
-
-class Balancer(Protocol):
-    def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend: ...
+from .backend import Backend
+from .hashing import ConsistentHash, IpHash, Sticky
+from .policy import Balancer, RequestInfo
 
 
 def load(backend: Backend) -> float:
     """In-flight requests per unit of effective weight (slow start), counting the one about to be sent."""
-    return (backend.in_flight + 1) / (backend.weight if not backend.ramp_until else backend.ramp_weight())
+    return (backend.in_flight + 1) / backend.effective_weight()
 
 
 class RoundRobin:
@@ -108,7 +50,7 @@ class WeightedRoundRobin:
         best = backends[0]
         best_value = -math.inf
         for backend in backends:
-            weight = backend.weight if not backend.ramp_until else backend.ramp_weight()
+            weight = backend.effective_weight()
             value = current.get(backend, 0) + weight
             current[backend] = value
             total += weight
@@ -132,7 +74,7 @@ class Random:
             # Cached per eligible tuple; recomputed on every pick only while a backend ramps up.
             self._for = backends
             self._ramping = any(b.ramp_until for b in backends)
-            weights = [effective_weight(b) for b in backends]
+            weights = [b.effective_weight() for b in backends]
             self._cumulative = list(accumulate(weights)) if len(set(weights)) > 1 else None
         cumulative = self._cumulative
         if cumulative is None:
@@ -211,7 +153,7 @@ class LeastTime:
             return self.UNMEASURED + backend.in_flight if backend.in_flight else 0.0
         seconds, stamp = measured
         decayed = seconds * math.exp(-max(now - stamp, 0.0) / self.decay)
-        return decayed * (backend.in_flight + 1) / effective_weight(backend)
+        return decayed * (backend.in_flight + 1) / backend.effective_weight()
 
     def pick(self, backends: Sequence[Backend], request: RequestInfo) -> Backend:
         now = self.clock()
@@ -239,17 +181,31 @@ class LeastTime:
         self._cost[backend] = (measured[0] * weight + seconds * (1.0 - weight), now)
 
 
-POLICIES: dict[str, Callable[[Settings], Balancer]] = {
-    "round_robin": lambda settings: RoundRobin(),
-    "weighted_round_robin": lambda settings: WeightedRoundRobin(),
-    "random": lambda settings: Random(),
-    "first": lambda settings: First(),
-    "least_conn": lambda settings: LeastConn(),
-    "p2c": lambda settings: PowerOfTwo(),
-    "least_time": lambda settings: LeastTime(),
-    "ip_hash": lambda settings: IpHash(),
-    "consistent_hash": lambda settings: ConsistentHash(settings.hash_key),
-    "sticky": lambda settings: Sticky(settings.sticky_cookie, sticky_secret(settings), WeightedRoundRobin()),
+class PolicyOptions:
+    """What the built-in policies are configured with (one instance per cluster)."""
+
+    __slots__ = ("hash_key", "sticky_cookie", "sticky_secret")
+
+    def __init__(
+        self, hash_key: str = "ip", sticky_cookie: str = "lbapp_sticky", sticky_secret: bytes | None = None
+    ) -> None:
+        self.hash_key = hash_key
+        self.sticky_cookie = sticky_cookie
+        # No secret configured: a random one (sticky cookies then last as long as this process).
+        self.sticky_secret = sticky_secret or secrets.token_bytes(32)
+
+
+POLICIES: dict[str, Callable[[PolicyOptions], Balancer]] = {
+    "round_robin": lambda options: RoundRobin(),
+    "weighted_round_robin": lambda options: WeightedRoundRobin(),
+    "random": lambda options: Random(),
+    "first": lambda options: First(),
+    "least_conn": lambda options: LeastConn(),
+    "p2c": lambda options: PowerOfTwo(),
+    "least_time": lambda options: LeastTime(),
+    "ip_hash": lambda options: IpHash(),
+    "consistent_hash": lambda options: ConsistentHash(options.hash_key),
+    "sticky": lambda options: Sticky(options.sticky_cookie, options.sticky_secret, WeightedRoundRobin()),
 }
 
 
@@ -279,13 +235,19 @@ def load_policy(reference: str) -> Balancer:
     return cast(Balancer, policy)
 
 
-def create_balancer(name: str, settings: Settings) -> Balancer:
-    """A new policy instance (one per pool: policies keep per-pool state)."""
+def check_algorithm(name: str) -> str:
+    """Validate a policy name (settings call this): a built-in name, or a plugin that loads."""
+    name = name.strip()
+    if ":" in name:
+        load_policy(name)
+    elif name not in POLICIES:
+        known = ", ".join(sorted(POLICIES))
+        raise ValueError(f"unknown algorithm {name!r} (known: {known}, or package.module:Class)")
+    return name
+
+
+def create_balancer(name: str, options: PolicyOptions | None = None) -> Balancer:
+    """A new policy instance (one per pool: policies keep per-pool state); `name` is validated."""
     if ":" in name:
         return load_policy(name)
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        known = ", ".join(sorted(POLICIES))
-        raise ValueError(f"unknown algorithm {name!r} (known: {known}, or package.module:Class)") from None
-    return factory(settings)
+    return POLICIES[check_algorithm(name)](options or PolicyOptions())

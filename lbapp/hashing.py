@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import secrets
 from base64 import urlsafe_b64encode
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from .pool import Backend
-from .settings import Settings
-
-if TYPE_CHECKING:
-    from .balancers import Balancer, Headers, RequestInfo
-
-logger = logging.getLogger("lbapp.balancers")
+from .backend import Backend
+from .policy import Balancer, Headers, RequestInfo
 
 # Virtual nodes per unit of weight: a backend's share of keys is within a few % of its fair share.
 POINTS_PER_WEIGHT = 512
 MAX_HASH_WEIGHT = 20  # weights above this count as this much on the ring (its size stays bounded)
 
-KeyFunction = Callable[["RequestInfo"], bytes | None]
+KeyFunction = Callable[[RequestInfo], bytes | None]
 
 
 def hash64(data: bytes) -> int:
@@ -171,20 +163,3 @@ class Sticky:
         if request.https:
             cookie += "; Secure"
         return [(b"set-cookie", cookie.encode())]
-
-
-_generated_secret: bytes | None = None
-
-
-def sticky_secret(settings: Settings) -> bytes:
-    """`LB_STICKY_SECRET`, or one random secret per process (said once in the log)."""
-    global _generated_secret
-    if settings.sticky_secret is not None:
-        return settings.sticky_secret.get_secret_value().encode()
-    if _generated_secret is None:
-        _generated_secret = secrets.token_bytes(32)
-        logger.warning(
-            "LB_STICKY_SECRET is not set: using a random one, so sticky sessions will not survive "
-            "a restart and are not shared between workers"
-        )
-    return _generated_secret

@@ -6,7 +6,7 @@ shortened by a random `LB_HEALTH_JITTER` share so many instances' checks do not 
 probes all due backends concurrently with the checker's own client.
 
 The loop must never die: an exception in one round is logged and the next round runs, because
-a dead health loop silently freezes every backend's state (see the field notes).
+a dead health loop silently freezes every backend's state while uvicorn keeps serving.
 """
 
 from __future__ import annotations
@@ -15,29 +15,45 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Iterable
 
 import httpx
 
-from .pool import Backend, Pool
-from .settings import Settings, parse_statuses
+from .backend import Backend
+from .pool import Pool
 
 logger = logging.getLogger("lbapp.health")
 
 
 class HealthChecker:
-    """Probes every backend (`http`: method + path + expected status/body; `tcp`: connect, close)."""
+    """Probes every backend of every pool (`http`: method + path + expected status/body; `tcp`:
+    connect, close); each pool applies its own rise/fall thresholds."""
 
-    def __init__(self, pool: Pool, settings: Settings, rng: random.Random | None = None) -> None:
-        self.pool = pool
-        self.path = settings.health_path
-        self.method = settings.health_method
-        self.expected = parse_statuses(settings.health_expected_status)
-        self.body = settings.health_body.encode()
-        self.kind = settings.health_type
-        self.interval = settings.health_interval
-        self.unhealthy_interval = settings.health_unhealthy_interval or settings.health_interval
-        self.jitter = settings.health_jitter
-        self.timeout = settings.health_timeout
+    def __init__(
+        self,
+        pools: Iterable[Pool],
+        *,
+        kind: str = "http",
+        path: str = "/health",
+        method: str = "GET",
+        expected: Iterable[int] = range(200, 400),
+        body: str = "",
+        interval: float = 10.0,
+        unhealthy_interval: float = 0.0,
+        jitter: float = 0.1,
+        timeout: float = 3.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pools = list(pools)
+        self.kind = kind
+        self.path = path
+        self.method = method
+        self.expected = frozenset(expected)
+        self.body = body.encode()
+        self.interval = interval
+        self.unhealthy_interval = unhealthy_interval or interval
+        self.jitter = jitter
+        self.timeout = timeout
         self.rng = rng or random.Random()
         self.client: httpx.AsyncClient | None = None
         self.rounds = 0
@@ -70,7 +86,7 @@ class HealthChecker:
             await writer.wait_closed()
         return True, "connected"
 
-    async def check(self, backend: Backend) -> None:
+    async def check(self, pool: Pool, backend: Backend) -> None:
         started = asyncio.get_running_loop().time()
         try:
             if self.kind == "tcp":
@@ -79,7 +95,7 @@ class HealthChecker:
                 ok, reason = await self.probe_http(backend)
         except Exception as exc:  # a bug in one probe must not cost the round
             ok, reason = False, f"{type(exc).__name__}: {exc}"
-        self.pool.record_check(backend, ok, reason)
+        pool.record_check(backend, ok, reason)
         self.due[backend] = started + self.next_interval(backend)
 
     def next_interval(self, backend: Backend) -> float:
@@ -91,9 +107,11 @@ class HealthChecker:
     async def run_once(self) -> None:
         """Probe every backend that is due, concurrently."""
         now = asyncio.get_running_loop().time()
-        self.pool.expire_ejections()  # the safety net of the pool's un-ejection timers
-        due = [b for b in self.pool.backends if self.due.get(b, 0.0) <= now]
-        await asyncio.gather(*(self.check(b) for b in due))
+        due = []
+        for pool in self.pools:
+            pool.expire_ejections()  # the safety net of the pool's un-ejection timers
+            due += [(pool, b) for b in pool.backends if self.due.get(b, 0.0) <= now]
+        await asyncio.gather(*(self.check(pool, b) for pool, b in due))
         self.rounds += 1
 
     def pause(self) -> float:

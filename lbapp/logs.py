@@ -13,12 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, cast
-
-from .settings import Settings
-
-_handler: BatchingHandler | None = None
-_stream: logging.Handler | None = None
+from typing import Any
 
 ACCESS_FIELDS = (
     "request_id",
@@ -166,32 +161,33 @@ class AccessEntry:
         return "access"
 
 
-def log_access(access: dict[str, Any]) -> None:
-    """Queue one access-log line (formatted and written by the writer thread)."""
-    if _handler is not None:
-        _handler.handle(cast(logging.LogRecord, AccessEntry(access)))
-    else:
-        logging.getLogger("lbapp.access").info("access", extra={"access": access})
-
-
 def formatter_for(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
-def configure_logging(settings: Settings) -> None:
-    """Route the `lbapp` loggers through a batching writer; idempotent, so tests may build many apps."""
-    global _handler, _stream
+def find_batching_handler() -> BatchingHandler | None:
+    """The writer installed on the `lbapp` logger by `configure_logging`, if any."""
+    return next((h for h in logging.getLogger("lbapp").handlers if isinstance(h, BatchingHandler)), None)
+
+
+def configure_logging(debug: bool = False, access_log: bool = True, log_format: str = "text") -> None:
+    """Route the `lbapp` loggers through a batching writer; for entry points (idempotent).
+
+    The app factory never calls this: `uvicorn lbapp:app` (lbapp/__init__.py), the launcher and
+    tests each decide how the process logs.
+    """
     root = logging.getLogger("lbapp")
-    root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
-    logging.getLogger("lbapp.access").disabled = not settings.access_log
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("lbapp.access").disabled = not access_log
     # httpx logs every request at INFO: far too costly and noisy for a proxy.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if _handler is not None and _stream is not None:
-        _stream.setFormatter(formatter_for(settings.log_format))
+    handler = find_batching_handler()
+    if handler is not None:
+        handler.target.setFormatter(formatter_for(log_format))
         return
-    _stream = logging.StreamHandler()
-    _stream.setFormatter(formatter_for(settings.log_format))
-    _handler = BatchingHandler(_stream)
-    atexit.register(_handler.close)
-    root.addHandler(_handler)
+    stream = logging.StreamHandler()
+    stream.setFormatter(formatter_for(log_format))
+    handler = BatchingHandler(stream)
+    atexit.register(handler.close)
+    root.addHandler(handler)
     root.propagate = False

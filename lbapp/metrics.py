@@ -28,16 +28,16 @@ from prometheus_client.core import (
     Metric,
 )
 
-from .pool import STATES, Backend, Pool
+from .backend import STATES, Backend
+from .cluster import Clusters
 
-VERSION = "0.1.0"
 # Upper bounds (seconds) of the latency histogram: 1 ms to 10 s, roughly x2.5 apart.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKET_LABELS = (*(repr(b) for b in BUCKETS), "+Inf")  # as prometheus-client writes them
 # Label values are bounded: an unknown method is "OTHER", a status is its class.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 CODE_CLASSES = ("5xx", "1xx", "2xx", "3xx", "4xx", "5xx")
-NO_BACKEND = "none"  # the `backend` label of requests the load balancer answered without one
+NO_BACKEND = "none"  # the `route` and `backend` labels of requests answered without a backend
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 BUDGET_EXHAUSTED = "budget_exhausted"  # lb_retries_total reason: a retry the budget refused
 RETRY_REASONS = (*ERROR_KINDS, BUDGET_EXHAUSTED)
@@ -95,8 +95,6 @@ class Stats:
         "durations",
         "in_flight",
         "lb_errors",
-        "rate_limit_errors",
-        "rate_limited",
         "requests",
         "retries",
         "started",
@@ -111,18 +109,12 @@ class Stats:
         self.success = 0  # answered with a backend's response
         self.lb_errors: dict[int, int] = {}  # answered by the load balancer itself, by status
         self.retries: dict[str, int] = {}  # by the kind of the failure that caused them
-        self.answered: dict[tuple[str, str, str], int] = {}  # (backend, method, code class)
-        self.durations: dict[str, Histogram] = {}  # by backend label
-        self.bytes_in: dict[str, int] = {}
-        self.bytes_out: dict[str, int] = {}
-        self.upstream_errors: dict[tuple[str, str], int] = {}  # (backend, kind)
-        self.rate_limited: dict[str, int] = {}  # refused (429) by route; see `limited_routes`
-        self.rate_limit_errors = 0  # requests the limiter's store could not answer for
+        self.answered: dict[tuple[str, str, str, str], int] = {}  # (route, backend, method, code class)
+        self.durations: dict[tuple[str, str], Histogram] = {}  # by (route, backend)
+        self.bytes_in: dict[tuple[str, str], int] = {}
+        self.bytes_out: dict[tuple[str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, str, str], int] = {}  # (route, backend, kind)
         self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # no reload yet, same reason
-
-    @property
-    def failed(self) -> int:
-        return sum(self.lb_errors.values())
 
     def begin(self) -> None:
         self.requests += 1
@@ -131,8 +123,8 @@ class Stats:
     def end(self, backend: Backend | None, method: str, status: int, tap: Tapped, started: float) -> None:
         """One client request is over (answered, failed or abandoned): count it once."""
         self.in_flight -= 1
-        label = backend.url if backend is not None else NO_BACKEND
-        key = (label, method if method in METHODS else "OTHER", code_class(status))
+        label = (backend.route, backend.url) if backend is not None else (NO_BACKEND, NO_BACKEND)
+        key = (*label, method if method in METHODS else "OTHER", code_class(status))
         self.answered[key] = self.answered.get(key, 0) + 1
         if tap.headers_at:
             histogram = self.durations.get(label)
@@ -144,8 +136,8 @@ class Stats:
         if tap.bytes_out:
             self.bytes_out[label] = self.bytes_out.get(label, 0) + tap.bytes_out
 
-    def observe_response(self, backend: Backend) -> None:
-        """The response headers of `backend` went to the client."""
+    def observe_response(self) -> None:
+        """A backend's response headers went to the client."""
         self.success += 1
 
     def observe_error(self, status: int) -> None:
@@ -155,24 +147,12 @@ class Stats:
     def upstream_error(self, backend: Backend, error: BaseException) -> None:
         """An attempt to `backend` failed (before or during its response)."""
         backend.total_failures += 1
-        key = (backend.url, error_kind(error))
+        key = (backend.route, backend.url, error_kind(error))
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
     def retry(self, error: BaseException | None) -> None:
         reason = error_kind(error)
         self.retries[reason] = self.retries.get(reason, 0) + 1
-
-    def limited_routes(self, routes: Iterable[str]) -> None:
-        """The routes with a rate limit: exported at 0 from the start."""
-        for route in routes:
-            self.rate_limited.setdefault(route, 0)
-
-    def rate_limit(self, route: str, allowed: bool, error: bool) -> None:
-        """A rate-limit decision that was not a plain pass: refused, or without an answer."""
-        if not allowed:
-            self.rate_limited[route] = self.rate_limited.get(route, 0) + 1
-        if error:
-            self.rate_limit_errors += 1
 
     def retry_denied(self) -> None:
         """A retry that was safe but refused by the retry budget (not an attempt)."""
@@ -195,62 +175,56 @@ class Family:
     samples: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
 
-def families(stats: Stats, pool: Pool) -> list[Family]:
-    """Every aggregated metric of this process, read from the hot path's ints."""
-    backends = pool.backends
-    eligible = set(pool.eligible)
-    urls = [b.url for b in backends]
+def families(stats: Stats, clusters: Clusters) -> list[Family]:
+    """Every aggregated metric of this process, read from the hot path's ints, for every route."""
+    backends = [b for cluster in clusters for b in cluster.pool.backends]
+    eligible = {b for cluster in clusters for b in cluster.pool.eligible}
+    labels = [(b.route, b.url) for b in backends]
+    limiters = [c.limiter for c in clusters if c.limiter is not None]
+    by = ("route", "backend")
 
     def per_backend(name: str, doc: str, type_: str, values: Iterable[float], mode: str = "") -> Family:
-        return Family(
-            name, doc, type_, ("backend",), mode, {(u,): v for u, v in zip(urls, values, strict=True)}
-        )
+        return Family(name, doc, type_, by, mode, dict(zip(labels, values, strict=True)))
 
     requests = Family(
         "lb_requests",
-        "Client requests finished, by the backend that answered or was tried last (none: no backend),"
-        " method and status class.",
+        "Client requests finished, by the route and backend that answered or was tried last (none: no"
+        " backend), method and status class.",
         "counter",
-        ("backend", "method", "code"),
+        (*by, "method", "code"),
     )
     requests.samples = {key: value for key, value in stats.answered.items()}
     durations = Family(
-        "lb_request_duration_seconds",
-        "Time from request received to response headers sent.",
-        "histogram",
-        ("backend",),
+        "lb_request_duration_seconds", "Time from request received to response headers sent.", "histogram", by
     )
-    durations.samples = {(label,): (h.counts, h.sum) for label, h in stats.durations.items()}
+    durations.samples = {key: (h.counts, h.sum) for key, h in stats.durations.items()}
     upstream_errors = Family(
         "lb_upstream_errors",
         "Failed upstream attempts by kind (connect, timeout, reset, protocol).",
         "counter",
-        ("backend", "kind"),
+        (*by, "kind"),
     )
     upstream_errors.samples = {
-        (u, k): stats.upstream_errors.get((u, k), 0) for u in urls for k in ERROR_KINDS
+        (*label, k): stats.upstream_errors.get((*label, k), 0) for label in labels for k in ERROR_KINDS
     }
     checks = Family(
-        "lb_health_checks",
-        "Active health checks by result (pass, fail).",
-        "counter",
-        ("backend", "result"),
+        "lb_health_checks", "Active health checks by result (pass, fail).", "counter", (*by, "result")
     )
     for b in backends:
-        checks.samples[(b.url, "pass")] = b.checks_passed
-        checks.samples[(b.url, "fail")] = b.checks_failed
+        checks.samples[(b.route, b.url, "pass")] = b.checks_passed
+        checks.samples[(b.route, b.url, "fail")] = b.checks_failed
     state = Family(
-        "lb_backend_state", "1 for the state the backend is in.", "gauge", ("backend", "state"), "livemax"
+        "lb_backend_state", "1 for the state the backend is in.", "gauge", (*by, "state"), "livemax"
     )
-    state.samples = {(b.url, s): int(b.state == s) for b in backends for s in STATES}
+    state.samples = {(b.route, b.url, s): int(b.state == s) for b in backends for s in STATES}
     last_checked = Family(
         "lb_backend_last_check_timestamp_seconds",
         "Unix time of the last active health check.",
         "gauge",
-        ("backend",),
+        by,
         "max",
     )
-    last_checked.samples = {(b.url,): b.last_checked.timestamp() for b in backends if b.last_checked}
+    last_checked.samples = {(b.route, b.url): b.last_checked.timestamp() for b in backends if b.last_checked}
 
     return [
         Family("lb_requests_received", "Client requests received by the proxy route.", "counter",
@@ -261,10 +235,10 @@ def families(stats: Stats, pool: Pool) -> list[Family]:
         Family("lb_error_responses", "Client requests answered by the load balancer's own error.",
                "counter", ("code",), samples={(str(c),): stats.lb_errors.get(c, 0) for c in LB_ERROR_CODES}),
         durations,
-        Family("lb_request_bytes", "Request body bytes received from clients.", "counter", ("backend",),
-               samples={(k,): v for k, v in stats.bytes_in.items()}),
-        Family("lb_response_bytes", "Response body bytes sent to clients.", "counter", ("backend",),
-               samples={(k,): v for k, v in stats.bytes_out.items()}),
+        Family("lb_request_bytes", "Request body bytes received from clients.", "counter", by,
+               samples={k: v for k, v in stats.bytes_in.items()}),
+        Family("lb_response_bytes", "Response body bytes sent to clients.", "counter", by,
+               samples={k: v for k, v in stats.bytes_out.items()}),
         Family("lb_requests_in_flight", "Client requests being handled.", "gauge", (), "livesum",
                {(): stats.in_flight}),
         per_backend("lb_backend_in_flight", "Upstream requests in flight per backend.", "gauge",
@@ -286,12 +260,12 @@ def families(stats: Stats, pool: Pool) -> list[Family]:
         checks,
         per_backend("lb_outlier_ejections", "Backends ejected by passive outlier detection.", "counter",
                     (b.ejections for b in backends)),
-        Family("lb_rate_limited", "Client requests refused by rate limiting (429, or 503 when the"
-               " store is down and LB_RATE_LIMIT_FAIL_OPEN is false), by route prefix.", "counter",
-               ("route",), samples={(r,): n for r, n in (stats.rate_limited or {"/": 0}).items()}),
+        Family("lb_rate_limited", "Client requests refused by rate limiting (429, or 503 when its store"
+               " is down and LB_RATE_LIMIT_FAIL_OPEN is false), by route.", "counter", ("route",),
+               samples={(lim.route,): lim.refused for lim in limiters} or {("/",): 0}),
         Family("lb_rate_limit_errors", "Requests the rate limiter's store (Redis) did not answer for in"
                " time, decided by LB_RATE_LIMIT_FAIL_OPEN.", "counter",
-               samples={(): stats.rate_limit_errors}),
+               samples={(): sum(lim.errors for lim in limiters)}),
         Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
                samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",

@@ -2,30 +2,22 @@
 
 `Tap` wraps the ASGI `receive`/`send` of one request: it counts body bytes both ways, notes when
 the response headers went out, and adds `X-Request-ID` to the response. The proxy only creates it
-and hands it to `Stats.end` and `access_log` when the request is over.
+and hands it to `Stats.end` and `AccessLog.write` when the request is over.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from typing import Any, cast
 
-from .logs import log_access
-from .pool import Backend
+from .backend import Backend
+from .logs import AccessEntry, BatchingHandler, find_batching_handler
 from .requestid import HEADER, ensure_request_id
 
 
 class Tap:
-    __slots__ = (
-        "_receive",
-        "_send",
-        "bytes_in",
-        "bytes_out",
-        "headers_at",
-        "rate_limit",
-        "request_id",
-        "status",
-    )
+    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "rate_limit", "request_id")
 
     def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.request_id = ensure_request_id(scope)
@@ -34,7 +26,6 @@ class Tap:
         self.bytes_in = 0
         self.bytes_out = 0
         self.headers_at = 0.0  # perf_counter() when the response headers were sent, 0 before
-        self.status = 0
         self.rate_limit: str | None = None  # pass, limited or error; None: the route has no limit
 
     async def receive(self) -> Any:
@@ -51,7 +42,6 @@ class Tap:
             message = {**message, "headers": headers}
             await self._send(message)
             self.headers_at = time.perf_counter()
-            self.status = message["status"]
             return
         body = message.get("body")
         await self._send(message)
@@ -59,14 +49,34 @@ class Tap:
             self.bytes_out += len(body)
 
 
-def access_log(
-    scope: dict[str, Any], tap: Tap, status: int, backend: Backend | None, attempts: int, started: float
-) -> None:
-    """One line per proxied request; formatted (text or JSON) by the log writer thread, not here."""
-    now = time.perf_counter()
-    client = scope.get("client")
-    log_access(
-        {
+class AccessLog:
+    """One line per proxied request, formatted (text or JSON) by the log writer thread, not here.
+
+    The writer is the batching handler the entry point installed on the `lbapp` logger
+    (logs.configure_logging), found once at start; without it lines go through `logging`.
+    """
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("lbapp.access")
+        self.handler: BatchingHandler | None = None
+
+    def start(self) -> None:
+        self.handler = find_batching_handler()
+
+    def write(
+        self,
+        scope: dict[str, Any],
+        tap: Tap,
+        status: int,
+        backend: Backend | None,
+        attempts: int,
+        started: float,
+    ) -> None:
+        if self.logger.disabled:
+            return
+        now = time.perf_counter()
+        client = scope.get("client")
+        fields = {
             "request_id": tap.request_id.decode("latin-1"),
             "client": client[0] if client else None,
             "method": scope["method"],
@@ -80,4 +90,7 @@ def access_log(
             "bytes_out": tap.bytes_out,
             "rate_limit": tap.rate_limit,
         }
-    )
+        if self.handler is not None:
+            self.handler.handle(cast(logging.LogRecord, AccessEntry(fields)))
+        elif self.logger.isEnabledFor(logging.INFO):
+            self.logger.info("access", extra={"access": fields})

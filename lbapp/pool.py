@@ -1,9 +1,7 @@
-"""Backends and their state: the one place that knows which backends may take traffic.
+"""A pool: the backends of one cluster, the rules that change their state, and admission.
 
-Counters here are plain ints mutated on the event loop (no locks: one loop per process);
-`metrics.py` reads them at scrape time, so the hot path pays one integer add per event.
-
-A backend's state is derived from three independent facts, so that none of them can undo
+The pool is the one place that knows which backends may take traffic, and how many requests each
+holds. A backend's state is derived from three independent facts, so that none of them can undo
 another by accident:
 
 - `check_ok`: the active health checks' verdict, with rise/fall thresholds (`record_check`);
@@ -16,7 +14,9 @@ another by accident:
     healthy   otherwise
 
 State changes are rare: each one is logged once and recomputes the eligible tuples (`refresh`),
-so the proxy never scans the pool per request.
+so the proxy never scans the pool per request. Admission: `lease` and `release` are the only
+places a backend's in-flight count changes; with `max_conns` (circuit breaking) a request that
+finds every candidate at its cap waits in the pool's `queue` (admission.py) for a released slot.
 """
 
 from __future__ import annotations
@@ -24,136 +24,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from typing import Protocol
 
-import httpx
-
-from .settings import BackendSpec, Settings, parse_statuses
+from .admission import FULL, Full, WaitQueue
+from .backend import DRAINING, EJECTED, HEALTHY, UNHEALTHY, Backend
 
 logger = logging.getLogger("lbapp.pool")
 
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-EJECTED = "ejected"
-DRAINING = "draining"
-STATES = (HEALTHY, UNHEALTHY, EJECTED, DRAINING)
-SLOW_START_FLOOR = 0.1  # a backend in slow start begins at this share of its weight
 
-Waiters = deque["asyncio.Future[None]"]
-
-
-class Backend:
-    """One upstream server: where it is, what state it is in, and what it has done."""
-
-    __slots__ = (
-        "base_path",
-        "check_ok",
-        "checks_failed",
-        "checks_passed",
-        "clock",
-        "consecutive_failures",
-        "consecutive_successes",
-        "draining",
-        "eject_streak",
-        "ejected_until",
-        "ejections",
-        "errors_in_row",
-        "host_header",
-        "in_flight",
-        "index",
-        "last_checked",
-        "last_returned",
-        "name",
-        "origin",
-        "ramp_from",
-        "ramp_until",
-        "state",
-        "total_failures",
-        "total_requests",
-        "transitions",
-        "url",
-        "waiters",
-        "weight",
-    )
-
-    def __init__(self, spec: BackendSpec, index: int = 0) -> None:
-        parts = urlsplit(spec.url)
-        self.url = spec.url
-        self.name = spec.url
-        self.weight = spec.weight
-        self.index = index
-        # Parsed once: the proxy joins `base_path` and the client's raw target per request.
-        self.origin = httpx.URL(f"{parts.scheme}://{parts.netloc}/")
-        self.base_path = parts.path.rstrip("/").encode("ascii")
-        self.host_header = parts.netloc.encode("ascii")
-        self.state = HEALTHY
-        self.in_flight = 0
-        self.total_requests = 0
-        self.total_failures = 0
-        # Active checks (rise/fall).
-        self.check_ok = True
-        self.consecutive_successes = 0
-        self.consecutive_failures = 0
-        self.last_checked: datetime | None = None
-        self.checks_passed = 0
-        self.checks_failed = 0
-        # Passive outlier detection.
-        self.errors_in_row = 0  # failed attempts in a row (reset by any good answer)
-        self.ejected_until = 0.0  # clock time; 0 = not ejected
-        self.eject_streak = 0  # ejections in a row: the ejection time doubles with each
-        self.last_returned = 0.0
-        self.ejections = 0  # exported as lb_outlier_ejections_total
-        self.draining = False
-        self.transitions = 0  # state changes, for tests and curiosity
-        # Slow start: weight ramps from SLOW_START_FLOOR to full between these (0 = no ramp).
-        self.ramp_from = 0.0
-        self.ramp_until = 0.0
-        self.clock: Callable[[], float] = time.monotonic
-        # The pool's circuit-breaker queue, shared by all its backends (see `wake_one`).
-        self.waiters: Waiters = deque()
-
-    def __repr__(self) -> str:
-        return f"<Backend {self.url} {self.state}>"
+class BackendSpec(Protocol):
+    """What a pool is built from (settings.BackendSpec is one)."""
 
     @property
-    def healthy(self) -> bool:
-        return self.state == HEALTHY
-
-    def ramp_weight(self, now: float | None = None) -> float:
-        """The effective weight: ramping during slow start, else the configured weight.
-
-        Policies call it only when `ramp_until` is set, so a pool without slow start pays one
-        attribute test per weight read.
-        """
-        until = self.ramp_until
-        if not until:
-            return self.weight
-        now = self.clock() if now is None else now
-        if now >= until:
-            self.ramp_until = 0.0  # the ramp is over: back to the plain weight for good
-            return self.weight
-        progress = max(now - self.ramp_from, 0.0) / (until - self.ramp_from)
-        return self.weight * (SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * progress)
-
-
-def effective_weight(backend: Backend) -> float:
-    return backend.weight if not backend.ramp_until else backend.ramp_weight()
-
-
-def wake_one(waiters: Waiters) -> None:
-    """A backend's in-flight count dropped: let the first waiting request try again."""
-    while waiters:
-        waiter = waiters.popleft()
-        if not waiter.done():
-            waiter.set_result(None)
-            return
+    def url(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
 
 
 class Pool:
-    """All configured backends, and the list of those eligible for new requests.
+    """The backends of one cluster, and the lists of those eligible for new requests.
 
     `eligible`: healthy backends with a weight above 0, in configured order (what policies see).
     `available`: healthy backends including weight-0 standbys (what `first` sees).
@@ -164,9 +55,10 @@ class Pool:
     def __init__(
         self,
         specs: Iterable[BackendSpec],
+        *,
+        route: str = "/",
         healthy_threshold: int = 2,
         unhealthy_threshold: int = 2,
-        *,
         outlier_failures: int = 0,
         outlier_statuses: Iterable[int] = (),
         ejection_time: float = 30.0,
@@ -175,9 +67,14 @@ class Pool:
         slow_start: float = 0.0,
         panic_threshold: int = 0,
         max_conns: int = 0,
+        queue_size: int = 100,
+        queue_timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.backends: list[Backend] = [Backend(spec, index) for index, spec in enumerate(specs)]
+        self.route = route
+        self.backends: list[Backend] = [
+            Backend(spec.url, spec.weight, index, route, clock) for index, spec in enumerate(specs)
+        ]
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
         self.outlier_failures = outlier_failures  # 0: passive outlier detection off
@@ -189,31 +86,12 @@ class Pool:
         self.panic_threshold = panic_threshold
         self.max_conns = max_conns  # per-backend in-flight cap, 0 = unlimited
         self.clock = clock
-        self.waiters: Waiters = deque()
+        self.queue = WaitQueue(queue_size, queue_timeout)  # requests waiting for a slot
         self.panic = False
         self._cap_logged = False
-        for backend in self.backends:
-            backend.clock = clock
-            backend.waiters = self.waiters
         self.eligible: Sequence[Backend] = ()
         self.available: Sequence[Backend] = ()
         self.refresh()
-
-    @classmethod
-    def from_settings(cls, specs: Iterable[BackendSpec], settings: Settings) -> Pool:
-        return cls(
-            specs,
-            settings.healthy_threshold,
-            settings.unhealthy_threshold,
-            outlier_failures=settings.outlier_consecutive_failures,
-            outlier_statuses=parse_statuses(settings.outlier_statuses),
-            ejection_time=settings.outlier_ejection_time,
-            max_ejection_time=settings.outlier_max_ejection_time,
-            max_ejection_percent=settings.outlier_max_ejection_percent,
-            slow_start=settings.slow_start,
-            panic_threshold=settings.panic_threshold,
-            max_conns=settings.backend_max_conns,
-        )
 
     def refresh(self) -> None:
         """Recompute the eligible lists; called on state changes, never per request."""
@@ -229,18 +107,42 @@ class Pool:
         if panic != self.panic:
             if panic:
                 logger.warning(
-                    "panic mode: fewer than %d%% of the backends are healthy; balancing over all %d",
+                    "panic mode in route %s: fewer than %d%% of the backends are healthy; balancing "
+                    "over all %d",
+                    self.route,
                     self.panic_threshold,
                     len(eligible),
                 )
             else:
-                logger.info("panic mode over: enough backends are healthy again")
+                logger.info("panic mode over in route %s: enough backends are healthy again", self.route)
             self.panic = panic
         self.available = available
         self.eligible = eligible
         # Requests queued by the circuit breaker look again, in order (each wakes the next).
-        if self.waiters:
-            wake_one(self.waiters)
+        self.queue.wake_one()
+
+    # --- admission -----------------------------------------------------------------------------
+
+    def lease(self, backend: Backend) -> None:
+        """An attempt on `backend` begins: it holds one of its slots until `release`."""
+        backend.total_requests += 1
+        backend.in_flight += 1
+
+    def release(self, backend: Backend) -> None:
+        """The attempt is over (answered, failed or abandoned): free its slot for a waiter."""
+        backend.in_flight -= 1
+        if self.queue.waiters:
+            self.queue.wake_one()
+
+    def below_cap(self, candidates: Sequence[Backend]) -> Sequence[Backend] | Full:
+        """Circuit breaking: the candidates below `max_conns`, FULL when none is."""
+        cap = self.max_conns
+        if not cap:
+            return candidates
+        below = [b for b in candidates if b.in_flight < cap]
+        if not below:
+            return FULL
+        return below if len(below) < len(candidates) else candidates
 
     # --- active checks -------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ STATUS_PAGE = b"""<!doctype html>
   table { border-collapse: collapse; width: 100%; }
   th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
   th { background: #f6f8fa; font-weight: 600; }
-  th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
+  th:nth-child(-n+3), td:nth-child(-n+3) { text-align: left; }
   td.url { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
   .state { display: inline-block; padding: 1px 8px; border-radius: 10px; color: #fff; font-size: 12px; }
   .healthy { background: var(--ok); } .unhealthy { background: var(--bad); }
@@ -36,7 +36,7 @@ STATUS_PAGE = b"""<!doctype html>
 <div id="summary">loading&hellip;</div>
 <table id="backends" data-filled="0">
   <thead><tr>
-    <th>backend</th><th>state</th><th>weight</th><th>in flight</th><th>req/s</th>
+    <th>route</th><th>backend</th><th>state</th><th>weight</th><th>in flight</th><th>req/s</th>
     <th>errors</th><th>p50</th><th>p99</th><th>requests (window)</th>
   </tr></thead>
   <tbody></tbody>
@@ -60,6 +60,8 @@ function render(data) {
   for (const b of data.backends) {
     const row = document.createElement("tr");
     row.dataset.url = b.url;
+    row.dataset.route = b.route;
+    cell(row, b.route, "url");
     cell(row, b.url, "url");
     const badge = document.createElement("span");
     const known = ["healthy", "unhealthy", "ejected", "draining"].includes(b.state);

@@ -13,12 +13,16 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
-from .settings import Settings
 from .transport import LeanTransport
 
 
 def no_cookies() -> CookieJar:
-    """A jar that stores nothing: a shared client must never replay one client's cookies to another."""
+    """A jar that stores nothing, for the shared client.
+
+    The proxy hands requests straight to the transport, so the client layer (and its jar) never
+    sees them; should anything send through `client.send`, one client's cookies still could never
+    be replayed to another.
+    """
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
@@ -41,44 +45,50 @@ def lower_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
 class Upstream:
     """Owns the shared client and its transport (`LB_TRANSPORT`), from lifespan start to stop."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.timeout = httpx.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.upstream_timeout,
-            write=settings.upstream_timeout,
-            pool=settings.upstream_timeout,
-        )
-        self.timeouts = self.timeout.as_dict()
+    def __init__(
+        self,
+        *,
+        transport: str = "lean",
+        connect_timeout: float = 2.0,
+        timeout: float = 10.0,
+        idle_timeout: float = 4.0,
+        max_connections: int = 0,
+    ) -> None:
+        self.kind = transport
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout  # read, write and pool (waiting for a connection)
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections or None  # per origin; 0: unlimited
+        self.timeouts = httpx.Timeout(
+            connect=connect_timeout, read=timeout, write=timeout, pool=timeout
+        ).as_dict()
         self.client: httpx.AsyncClient | None = None
         self.transport: httpx.AsyncBaseTransport | None = None
 
     def start(self) -> httpx.AsyncClient:
-        settings = self.settings
-        max_connections = settings.upstream_max_connections or None
         transport: httpx.AsyncBaseTransport
-        if settings.transport == "lean":
+        if self.kind == "lean":
             transport = LeanTransport(
-                max_connections=max_connections,
-                max_keepalive=max_connections or 512,
-                keepalive_expiry=settings.upstream_idle_timeout,
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.upstream_timeout,
-                write_timeout=settings.upstream_timeout,
-                pool_timeout=settings.upstream_timeout,
+                max_connections=self.max_connections,
+                max_keepalive=self.max_connections or 512,
+                keepalive_expiry=self.idle_timeout,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.timeout,
+                write_timeout=self.timeout,
+                pool_timeout=self.timeout,
             )
         else:
             transport = httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(
-                    max_connections=max_connections,
-                    max_keepalive_connections=max_connections or 256,
-                    keepalive_expiry=settings.upstream_idle_timeout,
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections or 256,
+                    keepalive_expiry=self.idle_timeout,
                 ),
                 trust_env=False,
             )
         client = httpx.AsyncClient(
             transport=transport,
-            timeout=self.timeout,
+            timeout=httpx.Timeout(**self.timeouts),
             follow_redirects=False,
             trust_env=False,
             cookies=no_cookies(),
@@ -86,6 +96,10 @@ class Upstream:
         client.headers.clear()  # httpx's default Accept/User-Agent/... must never be invented
         self.client, self.transport = client, transport
         return client
+
+    @property
+    def started(self) -> bool:
+        return self.client is not None and not self.client.is_closed
 
     def request(
         self,

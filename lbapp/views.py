@@ -25,9 +25,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .metrics import BUCKET_LABELS, BUCKETS, BUDGET_EXHAUSTED, VERSION, WINDOW, Stats, families, to_prometheus
+from .backend import HEALTHY, STATES, UNHEALTHY, Backend
+from .cluster import Clusters
+from .metrics import BUCKET_LABELS, BUCKETS, BUDGET_EXHAUSTED, WINDOW, Stats, families, to_prometheus
 from .multiproc import MultiprocessStore
-from .pool import HEALTHY, STATES, UNHEALTHY, Pool
+from .version import VERSION
 
 
 class Samples:
@@ -68,32 +70,36 @@ def _rfc3339(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def lb_metrics(samples: Samples, pool: Pool, now: float | None = None) -> dict[str, Any]:
-    """The `/lb-metrics` document (schema: lb-metrics.md), read from the Prometheus samples."""
+def backend_document(samples: Samples, b: Backend) -> dict[str, Any]:
+    """One backend in `/lb-metrics` (schema: lb-metrics.md), read from the Prometheus samples."""
+    at = {"route": b.route, "backend": b.url}
+    up = samples.total("lb_backend_up", **at) > 0
+    in_state = [s for s in STATES if samples.total("lb_backend_state", state=s, **at) > 0]
+    return {
+        "url": b.url,
+        "state": in_state[0] if len(in_state) == 1 else HEALTHY if up else UNHEALTHY,
+        "active_connections": int(samples.total("lb_backend_in_flight", **at)),
+        "total_requests": int(samples.total("lb_backend_requests_total", **at)),
+        "total_failures": int(samples.total("lb_backend_failures_total", **at)),
+        "last_checked": _rfc3339(samples.find("lb_backend_last_check_timestamp_seconds", **at)),
+        "up": up,
+    }
+
+
+def lb_metrics(samples: Samples, clusters: Clusters, now: float | None = None) -> dict[str, Any]:
+    """The `/lb-metrics` document: `backends` is the default pool; route pools are in `routes`."""
     now = time.time() if now is None else now
     count = samples.total("lb_request_duration_seconds_count")
     latency = samples.total("lb_request_duration_seconds_sum")
     started = samples.find("lb_start_time_seconds") or now
-    backends = []
-    healthy = 0
-    for b in pool.backends:
-        up = samples.total("lb_backend_up", backend=b.url) > 0
-        healthy += up
-        in_state = [s for s in STATES if samples.total("lb_backend_state", backend=b.url, state=s) > 0]
-        state = in_state[0] if len(in_state) == 1 else HEALTHY if up else UNHEALTHY
-        backends.append(
-            {
-                "url": b.url,
-                "state": state,
-                "active_connections": int(samples.total("lb_backend_in_flight", backend=b.url)),
-                "total_requests": int(samples.total("lb_backend_requests_total", backend=b.url)),
-                "total_failures": int(samples.total("lb_backend_failures_total", backend=b.url)),
-                "last_checked": _rfc3339(
-                    samples.find("lb_backend_last_check_timestamp_seconds", backend=b.url)
-                ),
-            }
-        )
-    return {
+    pools = []
+    for cluster in clusters:
+        backends = [backend_document(samples, b) for b in cluster.pool.backends]
+        healthy = sum(1 for b in backends if b.pop("up"))
+        pools.append({"prefix": cluster.prefix, "healthy_backends": healthy, "total_backends": len(backends),
+                      "backends": backends})  # fmt: skip
+    default, routes = pools[0], pools[1:]
+    document: dict[str, Any] = {
         "uptime_seconds": round(now - started, 3),
         "total_requests": int(samples.total("lb_requests_received_total")),
         "success_requests": int(samples.total("lb_backend_responses_total")),
@@ -102,26 +108,32 @@ def lb_metrics(samples: Samples, pool: Pool, now: float | None = None) -> dict[s
             samples.total("lb_retries_total") - samples.total("lb_retries_total", reason=BUDGET_EXHAUSTED)
         ),
         "avg_latency_ms": round(latency / count * 1000, 3) if count else 0.0,
-        "healthy_backends": healthy,
-        "total_backends": len(pool.backends),
-        "backends": backends,
+        "healthy_backends": default["healthy_backends"],
+        "total_backends": default["total_backends"],
+        "backends": default["backends"],
     }
+    if routes:
+        document["routes"] = routes
+    return document
 
 
 # --- the status page: rates and quantiles over the last minute -----------------------------------
 
-Snapshot = dict[str, tuple[float, float, tuple[float, ...]]]  # url -> (requests, 5xx, cumulative buckets)
+Key = tuple[str, str]  # (route, backend url)
+Snapshot = dict[Key, tuple[float, float, tuple[float, ...]]]  # -> (requests, 5xx, cumulative buckets)
 
 
-def snapshot(samples: Samples, pool: Pool) -> Snapshot:
+def snapshot(samples: Samples, clusters: Clusters) -> Snapshot:
     result: Snapshot = {}
-    for b in pool.backends:
-        buckets = samples.buckets("lb_request_duration_seconds", backend=b.url)
-        result[b.url] = (
-            samples.total("lb_requests_total", backend=b.url),
-            samples.total("lb_requests_total", backend=b.url, code="5xx"),
-            tuple(count for _, count in buckets) if buckets else (0.0,) * len(BUCKET_LABELS),
-        )
+    for cluster in clusters:
+        for b in cluster.pool.backends:
+            at = {"route": b.route, "backend": b.url}
+            buckets = samples.buckets("lb_request_duration_seconds", **at)
+            result[(b.route, b.url)] = (
+                samples.total("lb_requests_total", **at),
+                samples.total("lb_requests_total", code="5xx", **at),
+                tuple(count for _, count in buckets) if buckets else (0.0,) * len(BUCKET_LABELS),
+            )
     return result
 
 
@@ -152,19 +164,19 @@ class History:
         while len(self.points) > 1 and at - self.points[1][0] >= self.window:
             self.points.popleft()
 
-    def rows(self, now: float, current: Snapshot) -> tuple[float, dict[str, dict[str, float | None]]]:
+    def rows(self, now: float, current: Snapshot) -> tuple[float, dict[Key, dict[str, float | None]]]:
         """Per backend: requests per second, error ratio, p50 and p99 (ms) since the oldest point."""
         if not self.points:
-            return 0.0, {url: _empty_row() for url in current}
+            return 0.0, {key: _empty_row() for key in current}
         at, old = self.points[0]
         seconds = now - at
-        result: dict[str, dict[str, float | None]] = {}
-        for url, (requests, errors, buckets) in current.items():
-            before = old.get(url, (0.0, 0.0, (0.0,) * len(buckets)))
+        result: dict[Key, dict[str, float | None]] = {}
+        for key, (requests, errors, buckets) in current.items():
+            before = old.get(key, (0.0, 0.0, (0.0,) * len(buckets)))
             n = requests - before[0]
             delta = tuple(a - b for a, b in zip(buckets, before[2], strict=True))
             p50, p99 = quantile(0.5, BUCKETS, delta), quantile(0.99, BUCKETS, delta)
-            result[url] = {
+            result[key] = {
                 "requests": n,
                 "rps": round(n / seconds, 3) if seconds > 0 else None,
                 "error_rate": round((errors - before[1]) / n, 4) if n > 0 else None,
@@ -201,9 +213,9 @@ class BuildInfoCollector(Collector):
 class Metrics:
     """Owns the views: `/metrics`, `/lb-metrics`, the status JSON, and the multiprocess flush."""
 
-    def __init__(self, stats: Stats, pool: Pool, multiproc_dir: str | None = None) -> None:
+    def __init__(self, stats: Stats, clusters: Clusters, multiproc_dir: str | None = None) -> None:
         self.stats = stats
-        self.pool = pool
+        self.clusters = clusters
         self.store = MultiprocessStore(multiproc_dir) if multiproc_dir else None
         self.history = History()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -215,18 +227,14 @@ class Metrics:
         if self.store is not None:
             self.store.prepare()
 
-    @property
-    def multiprocess(self) -> bool:
-        return self.store is not None
-
     def flush(self) -> None:
         """Write this worker's numbers to the value files (no-op with a single process)."""
         if self.store is not None:
-            self.store.write(families(self.stats, self.pool))
+            self.store.write(families(self.stats, self.clusters))
 
     def collect(self) -> Iterable[Metric]:
         if self.store is None:
-            return to_prometheus(families(self.stats, self.pool))
+            return to_prometheus(families(self.stats, self.clusters))
         self.flush()  # this worker is exact; the others are at most one flush interval behind
         return self.store.read()
 
@@ -237,18 +245,18 @@ class Metrics:
         return generate_latest(self.registry)
 
     def lb_metrics(self) -> dict[str, Any]:
-        return lb_metrics(self.samples(), self.pool)
+        return lb_metrics(self.samples(), self.clusters)
 
     def tick(self) -> None:
         """Every flush interval: flush, and remember a point for the status page's window."""
         now = time.monotonic()
         if self.store is None:
-            self.history.add(now, snapshot(self.samples(), self.pool))
+            self.history.add(now, snapshot(self.samples(), self.clusters))
             return
         self.flush()
         # Reading every worker's files costs a little: keep history only while someone watches.
         if time.time() - self.store.status_wanted_at() < 2 * WINDOW:
-            self.history.add(now, snapshot(Samples(self.store.read()), self.pool))
+            self.history.add(now, snapshot(Samples(self.store.read()), self.clusters))
 
     def status(self) -> dict[str, Any]:
         """The status page's data: every backend's state, weight, load and last-minute numbers."""
@@ -256,15 +264,20 @@ class Metrics:
         if self.store is not None and time.time() - self.store.status_wanted_at() > 1:
             self.store.want_status()
         samples = self.samples()
-        current = snapshot(samples, self.pool)
+        current = snapshot(samples, self.clusters)
         if not self.history.points:
             self.history.add(now, current)
         window, rows = self.history.rows(now, current)
-        document = lb_metrics(samples, self.pool)
+        document = lb_metrics(samples, self.clusters)
         backends = []
-        for b, row in zip(document["backends"], (rows[b.url] for b in self.pool.backends), strict=True):
-            weight = samples.find("lb_backend_weight", backend=b["url"])
-            backends.append({**b, "weight": int(weight or 0), "in_flight": b["active_connections"], **row})
+        for cluster in self.clusters:
+            for b in cluster.pool.backends:
+                doc = backend_document(samples, b)
+                del doc["up"]
+                weight = samples.find("lb_backend_weight", route=b.route, backend=b.url)
+                row = rows[(b.route, b.url)]
+                backends.append({**doc, "route": b.route, "weight": int(weight or 0),
+                                 "in_flight": doc["active_connections"], **row})  # fmt: skip
         return {
             "generated_at": _rfc3339(time.time()),
             "window_seconds": round(window, 1),
@@ -272,8 +285,8 @@ class Metrics:
             "uptime_seconds": document["uptime_seconds"],
             "total_requests": document["total_requests"],
             "in_flight": int(samples.total("lb_requests_in_flight")),
-            "healthy_backends": document["healthy_backends"],
-            "total_backends": document["total_backends"],
+            "healthy_backends": sum(1 for b in backends if b["state"] == HEALTHY),
+            "total_backends": len(backends),
             "backends": backends,
         }
 

@@ -24,6 +24,8 @@ import pytest
 import uvicorn
 
 from lbapp import Settings, create_app
+from lbapp.backend import Backend
+from lbapp.pool import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,6 +138,18 @@ class ThreadedServer:
         self.thread.join(timeout=15)
         self.sock.close()
         assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+def mark_down(pool: Pool, backend: Backend) -> None:
+    """Fail `backend`'s active checks until the pool's rules mark it unhealthy."""
+    for _ in range(pool.unhealthy_threshold):
+        pool.record_check(backend, False, "marked down by the test")
+
+
+def mark_up(pool: Pool, backend: Backend) -> None:
+    """Pass `backend`'s active checks until the pool's rules mark it healthy again."""
+    for _ in range(pool.healthy_threshold):
+        pool.record_check(backend, True, "marked up by the test")
 
 
 def make_settings(backends: list[str] | list[dict[str, Any]], **overrides: Any) -> Settings:

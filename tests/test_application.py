@@ -8,7 +8,7 @@ import httpx
 
 from lbapp import create_app
 
-from .conftest import EchoBackend, ThreadedServer, make_settings
+from .conftest import EchoBackend, ThreadedServer, make_settings, mark_down
 
 
 class ExplodingBalancer:
@@ -18,14 +18,14 @@ class ExplodingBalancer:
 
 def test_a_crash_in_a_handler_is_a_500_and_the_process_lives_on(echo_backends: list[EchoBackend]) -> None:
     app = create_app(make_settings([echo_backends[0].url]))
-    proxy = app.state.proxy
-    good = proxy.balancer
+    cluster = app.state.clusters.default
+    good = cluster.balancer
     with ThreadedServer(app) as server:
-        proxy.balancer = ExplodingBalancer()
+        cluster.balancer = ExplodingBalancer()
         response = httpx.get(server.url + "/x")
         assert response.status_code == 500
         assert "Traceback" not in response.text and "bug in a policy" not in response.text
-        proxy.balancer = good
+        cluster.balancer = good
         assert httpx.get(server.url + "/x").status_code == 200
 
 
@@ -54,9 +54,8 @@ async def test_readiness_follows_the_lifespan_not_the_backends() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://lb.test") as client:
         assert (await client.get("/lb-ready")).status_code == 503  # not started yet
         async with app.router.lifespan_context(app):
-            pool = app.state.pool
-            pool.backends[0].state = "unhealthy"
-            pool.refresh()
+            pool = app.state.clusters.default.pool
+            mark_down(pool, pool.backends[0])
             response = await client.get("/lb-ready")
             assert response.status_code == 200
             assert response.json() == {"ready": True, "healthy_backends": 0}

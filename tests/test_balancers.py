@@ -15,24 +15,26 @@ from typing import Any
 import httpx
 import pytest
 
+from lbapp.backend import Backend
 from lbapp.balancers import (
     POLICIES,
     First,
     LeastConn,
     LeastTime,
+    PolicyOptions,
     PowerOfTwo,
     Random,
-    RequestInfo,
     RoundRobin,
     WeightedRoundRobin,
     create_balancer,
     load_policy,
 )
-from lbapp.pool import Backend, Pool
-from lbapp.routing import Cluster
-from lbapp.settings import BackendSpec, Settings
+from lbapp.cluster import Cluster
+from lbapp.policy import RequestInfo
+from lbapp.pool import Pool
+from lbapp.settings import BackendSpec
 
-from .conftest import EchoBackend, make_settings, run_lb
+from .conftest import EchoBackend, mark_down, mark_up, run_lb
 
 REQUEST = RequestInfo({"headers": []}, "1.2.3.4")
 
@@ -64,8 +66,7 @@ def test_round_robin_is_a_strict_rotation_that_survives_pool_changes() -> None:
     policy, request = RoundRobin(), RequestInfo({}, "1.2.3.4")
     picks = [policy.pick(pool.eligible, request).url for _ in range(6)]
     assert picks == ["http://b0:80", "http://b1:80", "http://b2:80"] * 2
-    pool.backends[1].state = "unhealthy"
-    pool.refresh()
+    mark_down(pool, pool.backends[1])
     picks = [policy.pick(pool.eligible, request).url for _ in range(4)]
     assert sorted(set(picks)) == ["http://b0:80", "http://b2:80"]
     assert picks[0] != picks[1] and picks[1] != picks[2]
@@ -88,19 +89,17 @@ def test_smooth_weighted_round_robin_spreads_the_heavy_backend() -> None:
 
 def test_weight_zero_is_never_picked_except_by_first() -> None:
     pool = make_pool(1, 0, 1)
-    settings = Settings(backends=["http://x:1"], sticky_secret="0123456789abcdef")
     for name in POLICIES:
         if name == "first":
             continue
-        policy = create_balancer(name, settings)
+        policy = create_balancer(name, PolicyOptions(sticky_secret=b"0123456789abcdef"))
         cluster = Cluster(pool, policy)
         picks = {policy.pick(cluster.candidates(), REQUEST).url for _ in range(50)}
         assert "http://b1:80" not in picks, name
     # `first` sees the standby, in configured order: used once the backends before it are down.
     cluster = Cluster(pool, First())
     assert cluster.candidates()[0].url == "http://b0:80"
-    pool.backends[0].state = "unhealthy"
-    pool.refresh()
+    mark_down(pool, pool.backends[0])
     assert First().pick(cluster.candidates(), REQUEST).url == "http://b1:80"
 
 
@@ -108,11 +107,9 @@ def test_first_fails_over_in_configured_order_and_back() -> None:
     pool = make_pool(1, 1, 1)
     policy = First()
     assert run(policy, pool.eligible, 3) == ["b0"] * 3
-    pool.backends[0].state = "unhealthy"
-    pool.refresh()
+    mark_down(pool, pool.backends[0])
     assert run(policy, pool.eligible, 2) == ["b1"] * 2
-    pool.backends[0].state = "healthy"
-    pool.refresh()
+    mark_up(pool, pool.backends[0])
     assert run(policy, pool.eligible, 1) == ["b0"]
 
 
@@ -243,12 +240,11 @@ def test_least_time_peak_then_ewma() -> None:
 
 def test_every_named_policy_is_created_and_picks() -> None:
     pool = make_pool(1, 2, 3)
-    settings = Settings(backends=["http://x:1"], sticky_secret="0123456789abcdef")
     for name in POLICIES:
-        policy = create_balancer(name, settings)
+        policy = create_balancer(name, PolicyOptions(sticky_secret=b"0123456789abcdef"))
         assert policy.pick(pool.eligible, REQUEST) in pool.eligible, name
     with pytest.raises(ValueError, match="unknown algorithm 'fastest'"):
-        create_balancer("fastest", settings)
+        create_balancer("fastest")
 
 
 PLUGIN = """
@@ -303,10 +299,10 @@ def test_plugin_policy_is_loaded(plugin: str) -> None:
     ],
 )
 def test_plugin_errors_stop_start_up_with_one_line(plugin: str, reference: str, message: str) -> None:
-    from lbapp import SettingsError, create_app
+    from lbapp import SettingsError, load_settings
 
-    with pytest.raises(SettingsError) as error:
-        create_app(make_settings(["http://a:1"], algorithm=reference))
+    with pytest.raises(SettingsError) as error:  # validated with the settings, before any app
+        load_settings(backends=["http://a:1"], algorithm=reference)
     assert str(error.value).startswith("invalid setting LB_ALGORITHM: ")
     assert message in str(error.value)
     assert "\n" not in str(error.value)

@@ -15,7 +15,7 @@ def test_aborted_downloads_do_not_leak_upstream_connections(echo_backends: list[
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
                 sock.sendall(b"GET /bytes/1073741824 HTTP/1.1\r\nHost: h\r\n\r\n")
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         wait_until(lambda: backend.in_flight == 0, timeout=10)
         with httpx.Client(base_url=server.url, timeout=5) as client:
             for _ in range(10):
@@ -27,6 +27,6 @@ def test_client_gone_while_waiting_for_headers_cancels_the_upstream_request(echo
     with run_lb([slow.url], upstream_max_connections=1, upstream_timeout=60) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"GET /wait HTTP/1.1\r\nHost: h\r\n\r\n")
-            backend = server.app.state.pool.backends[0]
+            backend = server.app.state.clusters.default.pool.backends[0]
             wait_until(lambda: backend.in_flight == 1, timeout=10)
         wait_until(lambda: backend.in_flight == 0, timeout=10)

@@ -16,14 +16,13 @@ from typing import Any
 
 import httpx
 
-from lbapp.pool import HEALTHY, UNHEALTHY
+from lbapp.backend import HEALTHY, UNHEALTHY
 
 from .conftest import EchoBackend, run_lb, wait_until
 
 INTERVAL = 0.2
 RISE = FALL = 2
 JITTER = 0.1
-TOLERANCE = 1.0  # scheduling, a check's own time, and the thread running the load balancer
 
 
 class Load:
@@ -86,26 +85,28 @@ def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_p
         healthy_threshold=RISE,
         unhealthy_threshold=FALL,
     ) as server:
-        state = server.app.state.pool.backends[1]
+        state = server.app.state.clusters.default.pool.backends[1]
         with Load(server.url) as load:
             wait_until(lambda: load.count() >= 100, timeout=15)
+            failed_before = state.checks_failed
             victim.kill()
-            killed_at = time.monotonic()
             wait_until(lambda: state.state == UNHEALTHY, timeout=10)
-            down_after = time.monotonic() - killed_at
+            failed_checks = state.checks_failed - failed_before
             before_restart = load.count()
             wait_until(lambda: load.count() >= before_restart + 100, timeout=15)
+            passed_before = state.checks_passed
             victim.start()
-            restarted_at = time.monotonic()
             seen_before_restart = len(logs[1].read_text().splitlines())
             wait_until(lambda: state.state == HEALTHY, timeout=10)
-            up_after = time.monotonic() - restarted_at
+            passed_checks = state.checks_passed - passed_before
             back = load.count()
             wait_until(lambda: load.count() >= back + 100, timeout=15)
         results = list(load.results)
 
-    assert down_after <= FALL * INTERVAL * (1 + JITTER) + TOLERANCE
-    assert up_after <= RISE * INTERVAL * (1 + JITTER) + TOLERANCE
+    # Down after `fall` failed checks and up after `rise` passed ones (the deadlines above are only
+    # there so that a broken health loop fails the test instead of hanging it).
+    assert failed_checks >= FALL
+    assert passed_checks >= RISE
     gets = [r for r in results if r[0] == "GET"]
     posts = [r for r in results if r[0] == "POST"]
     assert len(gets) >= 150 and len(posts) >= 150

@@ -11,12 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbapp.balancers import RequestInfo, RoundRobin
+from lbapp.backend import Backend
+from lbapp.balancers import RoundRobin
 from lbapp.hashing import ConsistentHash, IpHash, Sticky
-from lbapp.pool import Backend, Pool
+from lbapp.policy import RequestInfo
+from lbapp.pool import Pool
 from lbapp.settings import BackendSpec
 
-from .conftest import EchoBackend, run_lb, wait_until
+from .conftest import EchoBackend, mark_down, mark_up, run_lb, wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -100,8 +102,7 @@ def test_removing_a_backend_moves_only_its_keys(hosts: list[int], data: st.DataO
     before = assign(ConsistentHash("header:x-user"), pool.eligible)
 
     gone = pool.backends[removed]
-    gone.state = "unhealthy"
-    pool.refresh()
+    mark_down(pool, gone)
     # A fresh instance (never saw the removed backend) and the one that did must agree.
     after = assign(ConsistentHash("header:x-user"), pool.eligible)
     policy = ConsistentHash("header:x-user")
@@ -113,8 +114,7 @@ def test_removing_a_backend_moves_only_its_keys(hosts: list[int], data: st.DataO
     assert len(moved) / len(KEYS) <= 1 / len(urls) + 0.06  # about 1/N of them, and no more
     assert gone.url not in after.values()
 
-    gone.state = "healthy"  # and back: every key returns where it was
-    pool.refresh()
+    mark_up(pool, gone)  # and back: every key returns where it was
     assert assign(policy, pool.eligible) == before
 
 
@@ -206,8 +206,7 @@ def test_sticky_re_picks_when_the_named_backend_is_not_eligible() -> None:
     probe = request()
     backend = policy.pick(pool.eligible, probe)
     value, _ = cookie_of(policy.response_headers(backend, probe))
-    backend.state = "unhealthy"
-    pool.refresh()
+    mark_down(pool, backend)
     again = request(headers=[(b"cookie", f"srv={value}".encode())])
     other = policy.pick(pool.eligible, again)
     assert other is not backend
@@ -263,7 +262,7 @@ def test_sticky_end_to_end(echo_factory: Callable[..., EchoBackend]) -> None:
         # The home backend dies: the cookie is re-picked to a live backend and re-set.
         dead = next(b for b in backends if b.name == home)
         dead.kill()
-        state = next(b for b in server.app.state.pool.backends if b.url == dead.url)
+        state = next(b for b in server.app.state.clusters.default.pool.backends if b.url == dead.url)
         wait_until(lambda: not state.healthy)
         moved = httpx.get(server.url + "/x", cookies=jar)
         assert moved.status_code == 200 and moved.json()["server"] != home

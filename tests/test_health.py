@@ -6,7 +6,8 @@ from typing import Any
 
 import httpx
 
-from lbapp.pool import HEALTHY, UNHEALTHY, Pool
+from lbapp.backend import HEALTHY, UNHEALTHY
+from lbapp.pool import Pool
 from lbapp.settings import BackendSpec
 
 from .conftest import EchoBackend, run_lb, wait_until
@@ -31,7 +32,7 @@ def test_failing_backend_is_taken_out_and_brought_back(echo_factory: Any) -> Non
     good: EchoBackend = echo_factory("good")
     bad: EchoBackend = echo_factory("bad", "--fail")
     with run_lb([good.url, bad.url], health_interval=0.1, health_timeout=1) as server:
-        pool = server.app.state.pool
+        pool = server.app.state.clusters.default.pool
         flaky = pool.backends[1]
         wait_until(lambda: flaky.state == UNHEALTHY, timeout=10)
         with httpx.Client(base_url=server.url) as client:
@@ -48,7 +49,7 @@ def test_failing_backend_is_taken_out_and_brought_back(echo_factory: Any) -> Non
 def test_killed_backend_is_marked_unhealthy(echo_factory: Any) -> None:
     victim: EchoBackend = echo_factory("victim")
     with run_lb([victim.url], health_interval=0.1, health_timeout=0.5) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         victim.kill()
         wait_until(lambda: backend.state == UNHEALTHY, timeout=10)
         assert httpx.get(server.url + "/").status_code == 503
@@ -76,7 +77,7 @@ def test_health_loop_survives_an_exception(echo_backends: list[EchoBackend], mon
 def test_backend_failing_every_other_check_never_changes_state(echo_factory: Any) -> None:
     flapping: EchoBackend = echo_factory("flapping", "--flap")
     with run_lb([flapping.url], health_interval=0.03, health_jitter=0) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         wait_until(lambda: backend.checks_passed >= 8 and backend.checks_failed >= 8, timeout=15)
         assert backend.state == HEALTHY and backend.transitions == 0
         assert abs(backend.checks_passed - backend.checks_failed) <= 1  # really every other one
@@ -98,7 +99,7 @@ def test_expected_status_list_and_body_substring(echo_factory: Any) -> None:
     for overrides, expected in cases:
         settings = {"health_interval": 0.03, "health_jitter": 0, "unhealthy_threshold": 1, **overrides}
         with run_lb([echo.url], **settings) as server:
-            backend = server.app.state.pool.backends[0]
+            backend = server.app.state.clusters.default.pool.backends[0]
             wait_until(lambda b=backend: b.checks_passed + b.checks_failed >= 2, timeout=10)
             assert backend.state == expected, overrides
 
@@ -109,7 +110,7 @@ def test_tcp_checks_only_connect(echo_factory: Any) -> None:
     with run_lb(
         [echo.url], health_type="tcp", health_path="/status/500", health_interval=0.05, health_timeout=0.5
     ) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         wait_until(lambda: backend.checks_passed >= 3, timeout=10)
         assert backend.state == HEALTHY and backend.checks_failed == 0
         echo.kill()
@@ -121,7 +122,7 @@ def test_unhealthy_backends_are_checked_at_the_faster_interval(echo_factory: Any
     with run_lb(
         [bad.url], health_interval=60, health_unhealthy_interval=0.05, unhealthy_threshold=1
     ) as server:
-        backend = server.app.state.pool.backends[0]
+        backend = server.app.state.clusters.default.pool.backends[0]
         # One check a minute while healthy; the first failure makes it unhealthy, then 20 a second.
         wait_until(lambda: backend.checks_failed >= 6, timeout=10)
         assert backend.state == UNHEALTHY
@@ -130,13 +131,10 @@ def test_unhealthy_backends_are_checked_at_the_faster_interval(echo_factory: Any
 async def test_jitter_spreads_the_interval() -> None:
     from lbapp.health import HealthChecker
 
-    from .conftest import make_settings
-
-    settings = make_settings(["http://b:1"], health_interval=10, health_jitter=0.2)
     pool = Pool([BackendSpec(url="http://b:1")])
-    checker = HealthChecker(pool, settings)
+    checker = HealthChecker([pool], interval=10, jitter=0.2)
     intervals = [checker.next_interval(pool.backends[0]) for _ in range(200)]
     assert all(8.0 <= i <= 12.0 for i in intervals)
     assert max(intervals) - min(intervals) > 2.0
-    flat = HealthChecker(pool, make_settings(["http://b:1"], health_interval=10, health_jitter=0))
+    flat = HealthChecker([pool], interval=10, jitter=0)
     assert {flat.next_interval(pool.backends[0]) for _ in range(10)} == {10.0}

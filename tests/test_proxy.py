@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from .conftest import EchoBackend, ThreadedServer, raw_request, run_lb
+from .conftest import EchoBackend, ThreadedServer, mark_down, raw_request, run_lb
 
 
 def echo(response: httpx.Response) -> dict[str, Any]:
@@ -169,9 +169,8 @@ def test_chunked_upload_is_streamed_to_the_backend(lb: ThreadedServer) -> None:
 
 def test_no_healthy_backend_gives_503_json() -> None:
     with run_lb(["http://127.0.0.1:9"], max_retries=0) as server:
-        pool = server.app.state.pool
-        pool.backends[0].state = "unhealthy"
-        pool.refresh()
+        pool = server.app.state.clusters.default.pool
+        mark_down(pool, pool.backends[0])
         response = httpx.get(server.url + "/")
     assert response.status_code == 503
     assert response.json() == {"error": "all backends are down"}

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
+from lbapp.limitstores import LocalStore, SharedStore
 from lbapp.ratelimit import (
     Decision,
     KeyFunction,
     Limit,
-    LocalStore,
     RateLimiter,
-    SharedStore,
     check_key,
     parse_rate,
     route_limit,
@@ -214,7 +213,8 @@ def test_local_store_is_bounded_and_drops_full_buckets_first() -> None:
 
 MEASURE = """
 import os, sys, time
-from lbapp.ratelimit import KeyFunction, Limit, LocalStore, RateLimiter
+from lbapp.limitstores import LocalStore
+from lbapp.ratelimit import KeyFunction, Limit, RateLimiter
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024

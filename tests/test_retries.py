@@ -175,7 +175,7 @@ def test_retry_budget_stops_a_retry_storm(echo_factory: Any) -> None:
                 "retries": samples.total("lb_retries_total")
                 - samples.total("lb_retries_total", reason="budget_exhausted"),
                 "denied": samples.total("lb_retries_total", reason="budget_exhausted"),
-                "retrying": server.app.state.proxy.retrying,
+                "retrying": server.app.state.proxy.budget.retrying,
             }
 
     unlimited = storm(100.0)

@@ -8,12 +8,14 @@ from typing import Any
 import httpx
 import pytest
 
-from lbapp.balancers import LeastConn, RequestInfo, WeightedRoundRobin
-from lbapp.pool import DRAINING, EJECTED, HEALTHY, UNHEALTHY, Pool
+from lbapp.backend import DRAINING, EJECTED, HEALTHY, UNHEALTHY
+from lbapp.balancers import LeastConn, WeightedRoundRobin
+from lbapp.policy import RequestInfo
+from lbapp.pool import Pool
 from lbapp.settings import BackendSpec
 from lbapp.views import Samples
 
-from .conftest import EchoBackend, run_lb, wait_until
+from .conftest import EchoBackend, mark_down, run_lb, wait_until
 
 REQUEST = RequestInfo({"headers": []}, "1.2.3.4")
 
@@ -34,7 +36,7 @@ async def test_draining_backend_finishes_in_flight_requests_and_gets_no_new_ones
     a: EchoBackend = echo_factory("a")
     b: EchoBackend = echo_factory("b")
     with run_lb([a.url, b.url]) as server:
-        pool = server.app.state.pool
+        pool = server.app.state.clusters.default.pool
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             slow = asyncio.create_task(client.get("/sleep/0.5"))  # round robin: to `a`
             await asyncio.to_thread(wait_until, lambda: pool.backends[0].in_flight == 1)
@@ -70,25 +72,22 @@ def test_admin_writes_only_from_allowed_networks(echo_backends: list[EchoBackend
     with run_lb([echo_backends[0].url], admin_write_allow=["10.0.0.0/8"]) as server:
         response = httpx.post(server.url + "/lb-admin/backends/drain", params={"url": echo_backends[0].url})
         assert response.status_code == 403
-        assert server.app.state.pool.backends[0].state == HEALTHY
+        assert server.app.state.clusters.default.pool.backends[0].state == HEALTHY
 
 
 def test_panic_mode_unit() -> None:
     pool = pool_of(4, panic_threshold=50)
     for backend in pool.backends[:2]:
-        backend.check_ok = False
-        pool._update(backend, "test")
+        mark_down(pool, backend)
     assert not pool.panic and pool.eligible == tuple(pool.backends[2:])  # 50% healthy: not below
     backend = pool.backends[2]
-    backend.check_ok = False
-    pool._update(backend, "test")
+    mark_down(pool, backend)
     assert pool.panic and pool.eligible == tuple(pool.backends)  # 25% < 50%: all of them
     pool.drain(pool.backends[0])
     assert pool.eligible == tuple(pool.backends[1:])  # draining stays out even in panic
     off = pool_of(2)
     for backend in off.backends:
-        backend.check_ok = False
-        off._update(backend, "test")
+        mark_down(off, backend)
     assert off.eligible == () and not off.panic
 
 
@@ -100,7 +99,7 @@ def test_panic_mode_sends_to_unhealthy_backends_rather_than_503(echo_factory: An
     with run_lb(
         [a.url, b.url], health_path="/status/500", health_interval=0.05, panic_threshold=panic
     ) as server:
-        pool = server.app.state.pool
+        pool = server.app.state.clusters.default.pool
         wait_until(lambda: all(x.state == UNHEALTHY for x in pool.backends), timeout=10)
         response = httpx.get(server.url + "/")
     if panic:
@@ -114,16 +113,16 @@ def test_slow_start_ramps_the_effective_weight() -> None:
     clock = FakeClock()
     pool = pool_of(2, slow_start=10.0, clock=clock)
     backend = pool.backends[0]
-    assert backend.ramp_weight() == 2  # healthy from the start: no ramp
+    assert backend.effective_weight() == 2  # healthy from the start: no ramp
     pool.record_check(backend, False)
     pool.record_check(backend, False)
     assert backend.state == UNHEALTHY
     pool.record_check(backend, True)
     pool.record_check(backend, True)
     assert backend.state == HEALTHY
-    assert backend.ramp_weight() == pytest.approx(0.2)  # 10% of 2
+    assert backend.effective_weight() == pytest.approx(0.2)  # 10% of 2
     clock.now += 5
-    assert backend.ramp_weight() == pytest.approx(1.1)  # halfway: 55%
+    assert backend.effective_weight() == pytest.approx(1.1)  # halfway: 55%
     # The weighted policies see the ramp: at 55% vs 100%, 11 of 31 picks.
     policy = WeightedRoundRobin()
     chosen = [policy.pick(pool.eligible, REQUEST) for _ in range(310)]
@@ -132,7 +131,7 @@ def test_slow_start_ramps_the_effective_weight() -> None:
     # least_conn: (1+1)/1.1 = 1.8 vs (2+1)/2 = 1.5: the ramping one counts as busier.
     assert LeastConn().pick(pool.eligible, REQUEST) is pool.backends[1]
     clock.now += 5
-    assert backend.ramp_weight() == 2 and backend.ramp_until == 0.0  # done, and free again
+    assert backend.effective_weight() == 2 and backend.ramp_until == 0.0  # done, and free again
 
 
 def test_slow_start_off_by_default_and_after_ejection() -> None:
@@ -146,7 +145,7 @@ def test_slow_start_off_by_default_and_after_ejection() -> None:
     assert on.backends[0].state == EJECTED
     clock.now += 30
     on.expire_ejections()
-    assert on.backends[0].ramp_weight() == pytest.approx(0.2)
+    assert on.backends[0].effective_weight() == pytest.approx(0.2)
 
 
 def test_every_transition_is_logged_once_with_backend_and_reason(caplog: pytest.LogCaptureFixture) -> None:

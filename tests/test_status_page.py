@@ -77,7 +77,7 @@ def test_headless_chromium_fills_the_table_from_live_data(echo_factory: object) 
         assert dom.returncode == 0, dom.stderr[-2000:]
         html = dom.stdout
         assert 'data-filled="1"' in html, html[-3000:]
-        rows = re.findall(r"<tr data-url=\"([^\"]+)\">(.*?)</tr>", html, re.S)
+        rows = re.findall(r"<tr data-url=\"([^\"]+)\" data-route=\"/\">(.*?)</tr>", html, re.S)
         assert [u for u, _ in rows] == [good.url, bad.url]
         assert "healthy" in rows[0][1] and "unhealthy" in rows[1][1]
         assert "backends healthy" in html

@@ -25,5 +25,5 @@ def test_the_load_balancer_keeps_serving_after_a_truncation(lb: ThreadedServer) 
         with pytest.raises(httpx.RemoteProtocolError):
             httpx.get(lb.url + "/truncate/100")
     assert httpx.get(lb.url + "/ok").status_code == 200
-    backends = lb.app.state.pool.backends
+    backends = lb.app.state.clusters.default.pool.backends
     wait_until(lambda: all(b.in_flight == 0 for b in backends), timeout=5)
