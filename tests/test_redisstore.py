@@ -109,7 +109,7 @@ async def test_redis_killed_then_restarted(
 async def test_slow_redis_times_out(redis_server: RedisServer) -> None:
     """A Redis busy for 1 s answers nothing within 50 ms: decided by the fail policy at once."""
     store = RedisStore(redis_server.url, timeout=0.05, fail_open=False)
-    limit = Limit.parse("10/s")
+    limit = Limit.parse("10/h")
     blocker = redis_sync.Redis.from_url(redis_server.url)
     try:
         assert (await store.take("k", limit)).allowed  # connected, script loaded
@@ -121,6 +121,11 @@ async def test_slow_redis_times_out(redis_server: RedisServer) -> None:
         assert decision.error and not decision.allowed
         assert elapsed < 0.9  # did not wait for the busy server
         await sleeper
+        # The abandoned command's late reply must not be read as a later command's answer.
+        await poll(lambda: time.monotonic() - begun > RETRY_INTERVAL, seconds=5)
+        after = [await store.take("k", limit) for _ in range(3)]
+        assert not any(d.error for d in after)
+        assert [d.remaining for d in after] == [8, 7, 6]  # 10 - the first take - these three
     finally:
         await store.aclose()
         blocker.close()
