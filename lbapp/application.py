@@ -25,7 +25,7 @@ from .metrics import Stats
 from .multiproc import multiproc_dir
 from .observe import AccessLog
 from .proxy import Proxy
-from .ratelimit import attach_limiters, limited
+from .ratelimit import attach_limiters
 from .retry import RetryBudget, RetryPolicy
 from .settings import Settings, load_settings
 from .upstream import Upstream
@@ -51,9 +51,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """Build the load balancer; `settings` defaults to the environment, settings.env and LB_CONFIG."""
     settings = settings or load_settings()
     clusters = build_clusters(settings, sticky_secret(settings))
-    limit_store = create_store(settings, multiproc_dir()) if limited(settings) else None
-    if limit_store is not None:
-        attach_limiters(settings, clusters, limit_store)
+    limit_store = attach_limiters(settings, clusters, lambda: create_store(settings, multiproc_dir()))
     stats = Stats()
     upstream = Upstream(
         transport=settings.transport,

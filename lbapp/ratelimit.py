@@ -263,17 +263,19 @@ def route_limit(settings: Any, spec: Any = None, where: str = "LB_ROUTES") -> Li
     return Limit.parse(rate, burst) if rate else None
 
 
-def limited(settings: Any) -> bool:
-    """Whether any route has a rate limit (then a store is needed)."""
-    return bool(settings.rate_limit) or any(spec.rate_limit for spec in settings.routes)
-
-
-def attach_limiters(settings: Any, clusters: Any, store: Store) -> None:
-    """Give each cluster (route) with a rate limit its `RateLimiter`."""
-    key = KeyFunction(settings.rate_limit_key, settings.rate_limit_ipv6_prefix)
+def attach_limiters(settings: Any, clusters: Any, create_store: Callable[[], Store]) -> Store | None:
+    """Give each cluster (route) with a rate limit its `RateLimiter`, all sharing one store
+    (created only when some route is limited, and returned so its owner can close it)."""
     specs = {spec.prefix: (index, spec) for index, spec in enumerate(settings.routes)}
+    limits = []
     for cluster in clusters:
         index, spec = specs.get(cluster.prefix, (None, None))
-        limit = route_limit(settings, spec, f"LB_ROUTES[{index}]")
+        limits.append((cluster, route_limit(settings, spec, f"LB_ROUTES[{index}]")))
+    if all(limit is None for _, limit in limits):
+        return None
+    key = KeyFunction(settings.rate_limit_key, settings.rate_limit_ipv6_prefix)
+    store = create_store()
+    for cluster, limit in limits:
         if limit is not None:
             cluster.limiter = RateLimiter(cluster.prefix, limit, key, store)
+    return store

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from lbapp import create_app
 from lbapp.limitstores import LocalStore, SharedStore
 from lbapp.ratelimit import (
     Decision,
@@ -377,6 +378,6 @@ def test_route_burst_without_any_rate_is_refused() -> None:
         routes=[{"prefix": "/a", "backends": "http://127.0.0.1:1", "rate_limit_burst": 5}],
     )
     with pytest.raises(SettingsError, match=r"invalid setting LB_ROUTES\[0\].rate_limit_burst: needs a rate"):
-        route_limit(settings, settings.routes[0], "LB_ROUTES[0]")
+        create_app(settings)
     with pytest.raises(SettingsError, match=r"LB_ROUTES\[0\].rate_limit: expected <n>/s"):
         load_settings(routes=[{"prefix": "/a", "backends": "http://127.0.0.1:1", "rate_limit": "fast"}])
