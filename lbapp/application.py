@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
+from .frontdoor import FrontDoor
 from .headers import TrustedProxies
 from .health import HealthChecker
 from .limitstores import create_store
@@ -69,10 +70,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         trusted=TrustedProxies(settings.trusted_proxies),
         preserve_host=settings.preserve_host,
         access_log=AccessLog() if settings.access_log else None,
+        front_door=FrontDoor(
+            body_timeout=settings.client_body_timeout,
+            request_buffer=settings.request_buffer,
+            max_body=settings.max_body_size,
+            max_in_flight=settings.max_in_flight,
+            allow_trace=settings.allow_trace,
+        ),
     )
     health = HealthChecker(
         [cluster.pool for cluster in clusters],
-        kind=settings.health_type,
+        kind=settings.health_type or "tcp",
         path=settings.health_path,
         method=settings.health_method,
         expected=settings.health_expected_status,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .admission import FULL, Full
 from .backend import Backend
@@ -19,6 +20,8 @@ from .policy import Balancer, RequestInfo
 from .pool import Pool
 from .ratelimit import RateLimiter
 from .settings import BackendSpec, RouteSpec, Settings
+
+Send = Any
 
 
 class Cluster:
@@ -84,17 +87,31 @@ class Cluster:
             self.observe(backend, seconds, False)
         self.pool.record_failure(backend, reason)
 
+    def with_policy_headers(self, send: Send, backend: Backend, request: RequestInfo) -> Send:
+        """`send`, adding the policy's response headers (e.g. sticky's Set-Cookie), if it has any."""
+        extra = self.response_headers(backend, request) if self.response_headers is not None else None
+        if not extra:
+            return send
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], *extra]
+            await send(message)
+
+        return send_with_headers
+
     def matches(self, path: bytes) -> bool:
         prefix = self.raw_prefix
         if not path.startswith(prefix):
             return False
         return len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] == 0x2F  # "/"
 
-    def target(self, path: bytes) -> bytes:
-        """The path to forward: unchanged, or without the prefix (and never empty)."""
+    def target(self, raw: bytes, routed: bytes) -> bytes:
+        """The path to forward: the client's bytes, or the routed (dot-segment-normalised) path
+        without the prefix (never empty)."""
         if not self.strip_prefix:
-            return path
-        rest = path[len(self.raw_prefix) :]
+            return raw
+        rest = routed[len(self.raw_prefix) :]
         return rest if rest.startswith(b"/") else b"/" + rest
 
 

@@ -56,6 +56,21 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+               "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}  # fmt: skip
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes as an integer, or with a unit: `65536`, `64KiB`, `10MiB`, `1MB` (k/m/g: binary)."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError("expected a size in bytes, e.g. 65536, 64KiB, 10MiB")
+        return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+    return value
+
+
 def split_backends(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()

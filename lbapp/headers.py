@@ -10,6 +10,8 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
+from .answers import http_date
+
 Headers = list[tuple[bytes, bytes]]
 
 # Hop-by-hop headers: meaningful for one connection only, never forwarded (RFC 9110 §7.6.1).
@@ -27,7 +29,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Also never sent upstream: `Expect` is answered by the server in front of us (uvicorn sends
-# `100 Continue` when the body is read), and the forwarding headers are rebuilt below.
+# `100 Continue` when the body is read), the forwarding headers are rebuilt below, and `Proxy`
+# (httpoxy: CGI-style backends read it as HTTP_PROXY) and every `Proxy-*` header are dropped.
 FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"}
 )
@@ -43,11 +46,12 @@ def connection_tokens(value: bytes) -> set[bytes]:
 class RequestHead:
     """The parts of the client's header block the proxy needs, gathered in one pass."""
 
-    __slots__ = ("chunked", "content_length", "forwarded_for", "headers", "host")
+    __slots__ = ("chunked", "content_length", "forwarded_for", "headers", "host", "host_count")
 
     def __init__(self) -> None:
         self.headers: Headers = []
         self.host = b""
+        self.host_count = 0
         self.content_length: int | None = None
         self.chunked = False
         self.forwarded_for = b""
@@ -80,6 +84,9 @@ def parse_request_headers(raw: Iterable[tuple[bytes, bytes]], trust_forwarded: b
             continue
         if name == b"host":
             head.host = value
+            head.host_count += 1
+        elif name[:5] == b"proxy" and (len(name) == 5 or name[5] == 0x2D):  # Proxy (httpoxy), Proxy-*
+            continue
         elif name == b"content-length":
             head.content_length = int(value) if value.isdigit() else -1
         kept.append((name, value))
@@ -118,12 +125,14 @@ def add_forwarding_headers(
 def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> tuple[Headers, int]:
     """Drop hop-by-hop headers (and those named in `Connection`) from the backend's answer.
 
-    Names must be lower case. Returns the headers to send and the Content-Length (-1 if none).
+    Names must be lower case. Returns the headers to send and the Content-Length (-1 if none). A
+    response without `Date` gets one (RFC 9110 §6.6.1); the backend's own is kept.
     """
     out: Headers = []
     extra_drop: set[bytes] | None = None
     no_body = status in NO_BODY_STATUS
     length = -1
+    dated = False
     for name, value in raw:
         if name in HOP_BY_HOP:
             if name == b"connection":
@@ -133,10 +142,14 @@ def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> 
             if no_body:
                 continue
             length = int(value) if value.isdigit() else -1
+        elif name == b"date":
+            dated = True
         out.append((name, value))
     if extra_drop:
         extra_drop.discard(b"content-length")
         out = [(n, v) for n, v in out if n not in extra_drop]
+    if not dated:
+        out.append((b"date", http_date()))
     return out, length
 
 

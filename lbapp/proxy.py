@@ -18,9 +18,10 @@ from typing import Any
 import httpx
 
 from .admission import Full
-from .answers import AT_CAPACITY, UPSTREAM_ERRORS, Answer, send_answer
+from .answers import AT_CAPACITY, BAD_PATH, OVERLOADED, UPSTREAM_ERRORS, Answer, send_answer
 from .backend import Backend
 from .cluster import Cluster, Clusters
+from .frontdoor import CLIENT_ERRORS, FrontDoor, normalize
 from .headers import (
     NO_BODY_STATUS,
     RequestHead,
@@ -42,7 +43,7 @@ from .retry import (
     error_status,
     has_idempotency_key,
 )
-from .streaming import ClientBody, ClientDisconnected, Exchange
+from .streaming import ClientBody, ClientError, Exchange
 from .upstream import Upstream, lower_headers
 
 logger = logging.getLogger("lbapp.proxy")
@@ -51,17 +52,6 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 EMPTY_BODY = httpx.ByteStream(b"")
-
-
-def with_response_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """`send`, adding `extra` to the response head (a policy's hook, e.g. sticky's Set-Cookie)."""
-
-    async def send_with_headers(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message["headers"], *extra]
-        await send(message)
-
-    return send_with_headers
 
 
 class Prepared:
@@ -91,6 +81,7 @@ class Proxy:
         trusted: TrustedProxies | None = None,
         preserve_host: bool = True,
         access_log: AccessLog | None = None,
+        front_door: FrontDoor | None = None,
     ) -> None:
         self.clusters = clusters
         self.upstream = upstream
@@ -100,6 +91,7 @@ class Proxy:
         self.trusted = trusted or TrustedProxies([])
         self.preserve_host = preserve_host
         self.access_log = access_log
+        self.front_door = front_door or FrontDoor()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -110,20 +102,18 @@ class Proxy:
         status = 0
         attempts: Attempts | None = None
         try:
-            prepared = self.prepare(scope)
+            limit = self.front_door.max_in_flight
+            prepared = self.prepare(scope) if not limit or stats.in_flight <= limit else OVERLOADED
             send = tap.send
-            limiter = prepared.cluster.limiter
-            if limiter is not None:  # before a backend is chosen: a refusal costs no backend anything
-                send = await limiter.admit(scope["headers"], prepared.info.client_ip, tap)
-            if send is None:
-                status = 503 if tap.rate_limit == "error" else 429
-                if status == 503:
-                    stats.observe_error(503)
-            else:
+            if isinstance(prepared, Prepared) and prepared.cluster.limiter is not None:  # rate limit
+                prepared, send = await prepared.cluster.limiter.admit(prepared, tap)
+            if isinstance(prepared, Prepared):
                 with Attempts(self.retry, self.budget) as attempts:
                     status = await self._handle(
                         prepared, scope["method"], tap.receive, send, exchange, attempts
                     )
+            else:  # refused before any backend was chosen
+                status = await self._answer(send, prepared)
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -137,19 +127,26 @@ class Proxy:
             if self.access_log is not None:
                 self.access_log.write(scope, tap, status, backend, attempts.count if attempts else 0, started)
 
-    def prepare(self, scope: Scope) -> Prepared:
-        """The client's request as it goes upstream: headers, cluster, target, policy input."""
+    def prepare(self, scope: Scope) -> Prepared | Answer:
+        """The client's request as it goes upstream (headers, cluster, target, policy input), or
+        the answer to a request that is not forwarded."""
         client = scope.get("client")
         peer = client[0] if client else "unknown"
         trust = bool(self.trusted) and self.trusted.contains(peer)
         head = parse_request_headers(scope["headers"], trust)
+        refused = self.front_door.refusal(scope, head)
+        if refused is not None:
+            return refused
         client_ip = self.trusted.client_ip(peer, head.forwarded_for) if trust else peer
         add_forwarding_headers(head, peer, client_ip, scope.get("scheme", "http"), trust)
         if head.chunked:
             head.headers.append((b"transfer-encoding", b"chunked"))
         path: bytes = scope.get("raw_path") or scope["path"].encode()
-        cluster = self.clusters.route(path)
-        target = cluster.target(path)
+        routed = normalize(path)
+        if routed is None:
+            return BAD_PATH
+        cluster = self.clusters.route(routed)
+        target = cluster.target(path, routed)
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         method: str = scope["method"]
@@ -170,9 +167,19 @@ class Proxy:
         """The attempt loop: pick, send, and on failure retry while the rules allow it."""
         cluster = prepared.cluster
         pool = cluster.pool
-        head = prepared.head
-        body = ClientBody(receive, exchange, keep=prepared.safe) if head.has_body else None
-        if body is None:
+        door = self.front_door
+        body: ClientBody | None = None
+        stream: httpx.AsyncByteStream = EMPTY_BODY
+        if prepared.head.has_body:
+            body = ClientBody(receive, exchange, prepared.safe, door.body_timeout, door.max_body)
+            try:  # a small body is read whole before any backend is chosen
+                buffered = await body.buffer(door.request_buffer) if door.request_buffer else None
+            except ClientError as error:
+                return await self._client_error(send, error)
+            stream = body
+            if buffered is not None:
+                stream, body = buffered, None  # in memory: sent in one write, and again if need be
+        else:
             exchange.watch_disconnect(receive)
         last_status = 503  # nothing tried: every backend is down
         while True:
@@ -186,18 +193,15 @@ class Proxy:
             pool.lease(backend)
             try:
                 sent_at = time.perf_counter()
-                result = await self._attempt(backend, method, prepared, body)
+                result = await self._attempt(backend, method, prepared, stream)
                 if isinstance(result, httpx.Response):
                     cluster.answered(backend, result.status_code, time.perf_counter() - sent_at)
-                    if cluster.response_headers is not None:  # e.g. sticky's Set-Cookie
-                        extra = cluster.response_headers(backend, prepared.info)
-                        if extra:
-                            send = with_response_headers(send, extra)
+                    send = cluster.with_policy_headers(send, backend, prepared.info)
                     return await self.relay(result, backend, cluster, method, send, exchange)
             finally:
                 pool.release(backend)
-            if isinstance(result, ClientDisconnected):
-                return 499
+            if isinstance(result, ClientError):
+                return await self._client_error(send, result)
             attempts.tried.add(backend)
             self.stats.upstream_error(backend, result)
             logger.warning(
@@ -215,7 +219,7 @@ class Proxy:
                 await asyncio.sleep(self.retry.delay)
 
     async def _attempt(
-        self, backend: Backend, method: str, prepared: Prepared, body: ClientBody | None
+        self, backend: Backend, method: str, prepared: Prepared, stream: httpx.AsyncByteStream
     ) -> httpx.Response | Exception:
         """Send the request to `backend`: its response head, or the error that prevented it."""
         head = prepared.head
@@ -223,16 +227,11 @@ class Proxy:
         if not self.preserve_host or not head.host:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.append((b"host", backend.host_header))
-        request = self.upstream.request(
-            method,
-            backend.origin,
-            headers,
-            body if body is not None else EMPTY_BODY,
-            backend.base_path + prepared.target,
-        )
+        target = backend.base_path + prepared.target
+        request = self.upstream.request(method, backend.origin, headers, stream, target)
         try:
             return await self.upstream.send(request)
-        except (httpx.HTTPError, ClientDisconnected) as exc:
+        except (httpx.HTTPError, ClientError) as exc:
             return exc
 
     async def relay(
@@ -282,6 +281,11 @@ class Proxy:
             return status
         finally:
             await response.aclose()
+
+    async def _client_error(self, send: Send, error: ClientError) -> int:
+        """The client broke off (499, nothing to answer), stalled (408) or sent too much (413)."""
+        answer = CLIENT_ERRORS.get(type(error))
+        return 499 if answer is None else await send_answer(send, answer)
 
     async def _answer(self, send: Send, answer: Answer) -> int:
         """One of lbapp's own error answers (502/503/504), counted."""

@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .answers import Answer, json_error, send_answer
+from .answers import Answer, json_error
 from .config import SettingsError
 
 Clock = Callable[[], float]
@@ -221,9 +221,11 @@ class RateLimiter:
         """Take a token (a store that cannot answer decides by its fail policy, `error` set)."""
         return await self.store.take(f"{self.route}\x00{self.key(headers, client_ip)}", self.limit)
 
-    async def admit(self, headers: Sequence[tuple[bytes, bytes]], client_ip: str, tap: Any) -> Any:
-        """The `send` to answer through (adding the headers), or None when refused (answered)."""
-        decision = await self.check(headers, client_ip)
+    async def admit(self, prepared: Any, tap: Any) -> tuple[Any, Any]:
+        """Take a token for a prepared request, before a backend is chosen: (the request, a `send`
+        adding the headers), or when refused (the 429/503 answer with them, the plain `send`)."""
+        info = prepared.info
+        decision = await self.check(info.scope["headers"], info.client_ip)
         tap.rate_limit = "error" if decision.error else "pass" if decision.allowed else "limited"
         self.errors += decision.error
         extra = decision.headers()
@@ -231,15 +233,14 @@ class RateLimiter:
         if not decision.allowed:
             self.refused += 1
             start, body = LIMITER_DOWN if decision.error else RATE_LIMITED
-            await send_answer(send, ({**start, "headers": [*start["headers"], *extra]}, body))
-            return None
+            return ({**start, "headers": [*start["headers"], *extra]}, body), send
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message["headers"], *extra]
             await send(message)
 
-        return send_with_headers
+        return prepared, send_with_headers
 
 
 RATE_LIMITED: Answer = json_error(429, "rate limited")

@@ -38,10 +38,11 @@ from .config import (
     describe,
     parse_duration,
     parse_networks,
+    parse_size,
     parse_statuses,
     split_backends,
 )
-from .ratelimit import check_key, check_rate, check_redis_url, none_if_empty
+from .limitsettings import RateLimitSettings, RouteRateLimit
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -58,7 +59,7 @@ SecondsOrZero = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 Statuses = Annotated[frozenset[int], NoDecode, BeforeValidator(parse_statuses)]
 NetworkList = Annotated[list[str], NoDecode, BeforeValidator(parse_networks)]
 Algorithm = Annotated[str, AfterValidator(check_algorithm)]
-Burst = Annotated[int, Field(ge=1, le=1_000_000_000)]
+Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class BackendSpec(BaseModel):
@@ -87,7 +88,7 @@ class BackendSpec(BaseModel):
         return value.rstrip("/")
 
 
-class RouteSpec(BaseModel):
+class RouteSpec(RouteRateLimit):
     """One entry of the routes table: requests under `prefix` go to their own backends."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,9 +97,6 @@ class RouteSpec(BaseModel):
     backends: Annotated[list[BackendSpec], Field(min_length=1), BeforeValidator(split_backends)]
     algorithm: Algorithm | None = None  # None: the top-level LB_ALGORITHM
     strip_prefix: bool = False
-    # --- rate limiting: None = the top-level LB_RATE_LIMIT(_BURST); "off" (stored as "") = none ---
-    rate_limit: Annotated[str | None, BeforeValidator(check_rate)] = None
-    rate_limit_burst: Burst | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -110,7 +108,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, RateLimitSettings):
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
@@ -129,7 +127,7 @@ class Settings(BaseSettings):
     algorithm: Algorithm = "round_robin"
     debug: bool = False
 
-    health_path: str = "/health"
+    health_path: str = ""  # empty: a TCP connect check, like HAProxy's `check`
     health_interval: Seconds = 10.0
     health_timeout: Seconds = 3.0
     healthy_threshold: int = Field(default=2, ge=1)
@@ -139,7 +137,7 @@ class Settings(BaseSettings):
     health_body: str = ""
     health_unhealthy_interval: SecondsOrZero = 0.0
     health_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
-    health_type: Literal["http", "tcp"] = "http"
+    health_type: Literal["http", "tcp"] | None = None  # None: http with a path, else tcp
 
     outlier_consecutive_failures: int = Field(default=5, ge=0)
     outlier_statuses: Statuses = frozenset({502, 503, 504})
@@ -160,7 +158,14 @@ class Settings(BaseSettings):
     connect_timeout: Seconds = 2.0
     upstream_timeout: Seconds = 10.0
     upstream_idle_timeout: Seconds = 4.0
-    upstream_max_connections: int = Field(default=0, ge=0)
+    upstream_max_connections: int = Field(default=1024, ge=0)  # per backend, as Envoy's default
+
+    # The front door: what one client may cost (see the README's Security section).
+    client_body_timeout: Seconds = 30.0
+    request_buffer: Bytes = 64 * 1024
+    max_body_size: Bytes = 0
+    max_in_flight: int = Field(default=0, ge=0)
+    allow_trace: bool = False
 
     preserve_host: bool = True
     trusted_proxies: NetworkList = Field(default_factory=list)
@@ -239,8 +244,18 @@ class Settings(BaseSettings):
     @field_validator("health_path")
     @classmethod
     def _check_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must start with '/'")
+        if value and not value.startswith("/"):
+            raise ValueError("must be empty (a TCP check) or start with '/'")
+        return value
+
+    @field_validator("health_type")
+    @classmethod
+    def _resolve_health_type(cls, value: str | None, info: ValidationInfo) -> str:
+        path = info.data.get("health_path")
+        if value is None:
+            return "http" if path else "tcp"
+        if value == "http" and not path:
+            raise ValueError("an http check needs LB_HEALTH_PATH (e.g. /health)")
         return value
 
     @field_validator("metrics_path", "json_metrics_path", "status_path")
@@ -270,22 +285,7 @@ class Settings(BaseSettings):
         config = config_file_source(settings_cls, env_settings, dotenv_settings)
         return (init_settings, FileOnlySource(env_settings), FileOnlySource(dotenv_settings), config)
 
-    # --- rate limiting (ratelimit.py, limitstores.py, redisstore.py; README "Rate limiting") ---
-    rate_limit: Annotated[str, BeforeValidator(check_rate)] = ""  # <n>/s, <n>/m, <n>/h; empty: off
-    rate_limit_burst: Annotated[Burst | None, BeforeValidator(none_if_empty)] = None  # None: n
-    rate_limit_key: Annotated[str, AfterValidator(check_key)] = "ip"  # ip | header:<Name>
-    rate_limit_ipv6_prefix: int = Field(default=64, ge=1, le=128)
-    rate_limit_redis_url: Annotated[str, AfterValidator(check_redis_url)] = ""  # empty: no Redis
-    rate_limit_redis_timeout: Seconds = 0.05
-    rate_limit_fail_open: bool = True
-    rate_limit_max_keys: int = Field(default=100_000, ge=16, le=100_000_000)
-
-    @field_validator("rate_limit_burst")
-    @classmethod
-    def _check_burst(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and not info.data.get("rate_limit"):
-            raise ValueError("needs LB_RATE_LIMIT (a burst of no rate)")
-        return value
+    # --- rate limiting: the LB_RATE_LIMIT* fields are RateLimitSettings' (limitsettings.py) ---
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,8 +1,13 @@
 """The client side of one exchange: its request body as an upstream stream, and its presence.
 
-`ClientBody` feeds the client's body to the upstream request as the transport asks for it (and
-keeps it for a replay when the request carries an `Idempotency-Key`). `Exchange` notices a client
-that goes away, so the upstream request is cancelled and its connection released.
+`ClientBody` feeds the client's body to the upstream request as the transport asks for it. It
+bounds what the client can cost: a gap of more than `timeout` between two pieces raises
+`BodyTimeout`, more than `limit` bytes raises `BodyTooLarge` (both abort the upstream request, so
+a backend never receives a complete-looking truncated body). `buffer` reads a small body whole
+before any backend is chosen (nginx's request buffering): a slow client then never holds a backend
+connection, and the body can be sent again. A body is also kept for a replay when the request
+carries an `Idempotency-Key`. `Exchange` notices a client that goes away, so the upstream request
+is cancelled and its connection released.
 """
 
 from __future__ import annotations
@@ -20,20 +25,44 @@ Receive = Any
 REPLAY_LIMIT = 1 << 20
 
 
-class ClientDisconnected(Exception):
+class ClientError(Exception):
+    """Reading the client's body failed: the attempt is abandoned, never retried."""
+
+
+class ClientDisconnected(ClientError):
     """The client went away while we were still reading its body."""
+
+
+class BodyTimeout(ClientError):
+    """The client stopped sending its body for longer than `LB_CLIENT_BODY_TIMEOUT` (408)."""
+
+
+class BodyTooLarge(ClientError):
+    """The client's body grew past `LB_MAX_BODY_SIZE` (413)."""
 
 
 class ClientBody(httpx.AsyncByteStream):
     """The client's request body, read from ASGI `receive` as the upstream asks for it."""
 
-    __slots__ = ("complete", "exchange", "kept", "kept_bytes", "receive", "started")
+    __slots__ = ("complete", "exchange", "kept", "kept_bytes", "limit", "prefix", "read", "receive",
+                 "started", "timeout")  # fmt: skip
 
-    def __init__(self, receive: Receive, exchange: Exchange, keep: bool = False) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        exchange: Exchange,
+        keep: bool = False,
+        timeout: float | None = None,
+        limit: int = 0,
+    ) -> None:
         self.receive = receive
         self.exchange = exchange
-        self.started = False
+        self.timeout = timeout
+        self.limit = limit  # 0: no limit
+        self.started = False  # an upstream attempt began reading it
         self.complete = False
+        self.read = 0
+        self.prefix: list[bytes] = []  # read by `buffer` before any backend was chosen
         # With `keep` (Idempotency-Key), the chunks are kept while they stream, for a replay.
         self.kept: list[bytes] | None = [] if keep else None
         self.kept_bytes = 0
@@ -42,6 +71,17 @@ class ClientBody(httpx.AsyncByteStream):
     def replayable(self) -> bool:
         """The whole body was read and kept: a retry can send it again."""
         return self.complete and self.kept is not None
+
+    async def buffer(self, size: int) -> httpx.ByteStream | None:
+        """Read the body whole if it is at most `size` bytes, as a stream that can be sent again;
+        None when it is larger (what was read streams first)."""
+        while not self.complete:
+            chunk = await self._next()
+            if chunk:
+                self.prefix.append(chunk)
+                if self.read > size:
+                    return None
+        return httpx.ByteStream(b"".join(self.prefix))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self.started:
@@ -52,24 +92,38 @@ class ClientBody(httpx.AsyncByteStream):
                 yield chunk
             return
         self.started = True
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.exchange.client_gone = True
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
+        for chunk in self.prefix:
+            yield chunk
+        while not self.complete:
+            chunk = await self._next()
             if chunk:
-                if self.kept is not None:
-                    self.kept_bytes += len(chunk)
-                    if self.kept_bytes <= REPLAY_LIMIT:
-                        self.kept.append(chunk)
-                    else:
-                        self.kept = None  # too big to keep: not replayable
                 yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                self.exchange.watch_disconnect(self.receive)
-                return
+
+    async def _next(self) -> bytes:
+        """The next piece of the body (maybe empty); bounded in time and in total size."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                message = await self.receive()
+        except TimeoutError:
+            raise BodyTimeout() from None
+        if message["type"] == "http.disconnect":
+            self.exchange.client_gone = True
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            self.read += len(chunk)
+            if self.limit and self.read > self.limit:
+                raise BodyTooLarge()
+            if self.kept is not None:
+                self.kept_bytes += len(chunk)
+                if self.kept_bytes <= REPLAY_LIMIT:
+                    self.kept.append(chunk)
+                else:
+                    self.kept = None  # too big to keep: not replayable
+        if not message.get("more_body", False):
+            self.complete = True
+            self.exchange.watch_disconnect(self.receive)
+        return chunk
 
 
 # Most exchanges end within this; only longer ones pay for a disconnect-watching task.

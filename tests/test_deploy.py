@@ -226,11 +226,14 @@ def test_compose_lb_settings_are_lbapp_settings(
 
 
 def test_lb_env_file_mirrors_settings_example() -> None:
-    """deploy/lbapp.env has exactly the settings of settings.env.example, all of them lbapp's."""
+    """deploy/lbapp.env has exactly the settings of settings.env.example, all of them lbapp's; only
+    the backends and the health path (the echo backends have /health) are the stack's own."""
     example, deployed = read_env_file(SETTINGS_EXAMPLE), read_env_file(LB_ENV_FILE)
     assert set(deployed) == set(example)
-    assert {key: value for key, value in deployed.items() if key != "LB_BACKENDS"} == {
-        key: value for key, value in example.items() if key != "LB_BACKENDS"
+    own = {"LB_BACKENDS", "LB_HEALTH_PATH"}
+    assert deployed["LB_HEALTH_PATH"] == "/health"
+    assert {key: value for key, value in deployed.items() if key not in own} == {
+        key: value for key, value in example.items() if key not in own
     }
     assert {f"LB_{name.upper()}" for name in Settings.model_fields} >= set(deployed)
 

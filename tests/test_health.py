@@ -31,7 +31,7 @@ def test_thresholds_prevent_flapping() -> None:
 def test_failing_backend_is_taken_out_and_brought_back(echo_factory: Any) -> None:
     good: EchoBackend = echo_factory("good")
     bad: EchoBackend = echo_factory("bad", "--fail")
-    with run_lb([good.url, bad.url], health_interval=0.1, health_timeout=1) as server:
+    with run_lb([good.url, bad.url], health_path="/health", health_interval=0.1, health_timeout=1) as server:
         pool = server.app.state.clusters.default.pool
         flaky = pool.backends[1]
         wait_until(lambda: flaky.state == UNHEALTHY, timeout=10)
@@ -48,7 +48,7 @@ def test_failing_backend_is_taken_out_and_brought_back(echo_factory: Any) -> Non
 
 def test_killed_backend_is_marked_unhealthy(echo_factory: Any) -> None:
     victim: EchoBackend = echo_factory("victim")
-    with run_lb([victim.url], health_interval=0.1, health_timeout=0.5) as server:
+    with run_lb([victim.url], health_path="/health", health_interval=0.1, health_timeout=0.5) as server:
         backend = server.app.state.clusters.default.pool.backends[0]
         victim.kill()
         wait_until(lambda: backend.state == UNHEALTHY, timeout=10)
@@ -56,7 +56,7 @@ def test_killed_backend_is_marked_unhealthy(echo_factory: Any) -> None:
 
 
 def test_health_loop_survives_an_exception(echo_backends: list[EchoBackend], monkeypatch: Any) -> None:
-    with run_lb([echo_backends[0].url], health_interval=0.05) as server:
+    with run_lb([echo_backends[0].url], health_path="/health", health_interval=0.05) as server:
         health = server.app.state.health
         calls = {"n": 0}
         original = health.run_once
@@ -76,7 +76,7 @@ def test_health_loop_survives_an_exception(echo_backends: list[EchoBackend], mon
 
 def test_backend_failing_every_other_check_never_changes_state(echo_factory: Any) -> None:
     flapping: EchoBackend = echo_factory("flapping", "--flap")
-    with run_lb([flapping.url], health_interval=0.03, health_jitter=0) as server:
+    with run_lb([flapping.url], health_path="/health", health_interval=0.03, health_jitter=0) as server:
         backend = server.app.state.clusters.default.pool.backends[0]
         wait_until(lambda: backend.checks_passed >= 8 and backend.checks_failed >= 8, timeout=15)
         assert backend.state == HEALTHY and backend.transitions == 0
@@ -97,7 +97,8 @@ def test_expected_status_list_and_body_substring(echo_factory: Any) -> None:
         ({"health_method": "HEAD", "health_body": ""}, HEALTHY),
     ]
     for overrides, expected in cases:
-        settings = {"health_interval": 0.03, "health_jitter": 0, "unhealthy_threshold": 1, **overrides}
+        settings = {"health_path": "/health", "health_interval": 0.03, "health_jitter": 0,
+                    "unhealthy_threshold": 1, **overrides}  # fmt: skip
         with run_lb([echo.url], **settings) as server:
             backend = server.app.state.clusters.default.pool.backends[0]
             wait_until(lambda b=backend: b.checks_passed + b.checks_failed >= 2, timeout=10)
@@ -120,7 +121,11 @@ def test_tcp_checks_only_connect(echo_factory: Any) -> None:
 def test_unhealthy_backends_are_checked_at_the_faster_interval(echo_factory: Any) -> None:
     bad: EchoBackend = echo_factory("bad", "--fail")
     with run_lb(
-        [bad.url], health_interval=60, health_unhealthy_interval=0.05, unhealthy_threshold=1
+        [bad.url],
+        health_path="/health",
+        health_interval=60,
+        health_unhealthy_interval=0.05,
+        unhealthy_threshold=1,
     ) as server:
         backend = server.app.state.clusters.default.pool.backends[0]
         # One check a minute while healthy; the first failure makes it unhealthy, then 20 a second.

@@ -52,7 +52,8 @@ def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 @contextlib.asynccontextmanager
 async def lb_client(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings([A, B], transport="httpcore", **overrides))  # respx mocks httpcore
+    settings = make_settings([A, B], transport="httpcore", health_path="/health", **overrides)
+    app = create_app(settings)  # respx mocks httpcore (and the HTTP health checks)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://lb.test") as client:
@@ -172,7 +173,9 @@ def test_metrics_pass_promtool(echo_backends: list[EchoBackend]) -> None:
 def test_unhealthy_backend_shows_in_both_views(echo_factory: Any) -> None:
     good = echo_factory("good")
     bad = echo_factory("bad", "--fail")
-    with run_lb([good.url, bad.url], health_interval=0.05, unhealthy_threshold=1) as server:
+    with run_lb(
+        [good.url, bad.url], health_path="/health", health_interval=0.05, unhealthy_threshold=1
+    ) as server:
         wait_until(lambda: httpx.get(server.url + "/lb-metrics").json()["healthy_backends"] == 1)
         document = httpx.get(server.url + "/lb-metrics").json()
         s = prometheus_samples(httpx.get(server.url + "/metrics").text)

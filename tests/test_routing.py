@@ -52,7 +52,7 @@ CLUSTERS = Clusters(DEFAULT, [API, API_V2, STATIC])
 def test_longest_prefix_on_segment_boundaries(path: bytes, expected: Cluster, target: bytes) -> None:
     routed = CLUSTERS.route(path)
     assert routed is expected
-    assert routed.target(path) == target
+    assert routed.target(path, path) == target
 
 
 def test_the_default_pool_is_the_route_slash_and_cannot_be_configured_twice() -> None:

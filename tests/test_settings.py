@@ -18,7 +18,8 @@ def test_defaults_serve_the_demo_stack() -> None:
     settings = load_settings()
     assert [b.url for b in settings.backends] == DEFAULT_BACKENDS.split(",")
     assert settings.algorithm == "round_robin"
-    assert (settings.health_path, settings.health_interval, settings.health_timeout) == ("/health", 10, 3)
+    assert (settings.health_path, settings.health_interval, settings.health_timeout) == ("", 10, 3)
+    assert settings.health_type == "tcp"  # no path configured: a TCP connect check
     assert (settings.healthy_threshold, settings.unhealthy_threshold) == (2, 2)
     assert (settings.max_retries, settings.retry_delay) == (2, 0.05)
     assert (settings.connect_timeout, settings.upstream_timeout) == (2, 10)

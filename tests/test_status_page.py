@@ -68,7 +68,9 @@ def test_headless_chromium_fills_the_table_from_live_data(echo_factory: object) 
     binary = needs("chromium")
     good = echo_factory("good")  # type: ignore[operator]
     bad = echo_factory("bad", "--fail")  # type: ignore[operator]
-    with run_lb([good.url, bad.url], health_interval=0.1, unhealthy_threshold=1) as server:
+    with run_lb(
+        [good.url, bad.url], health_path="/health", health_interval=0.1, unhealthy_threshold=1
+    ) as server:
         with httpx.Client(base_url=server.url) as client:
             for _ in range(20):
                 client.get("/x")
