@@ -381,3 +381,21 @@ def test_route_burst_without_any_rate_is_refused() -> None:
         create_app(settings)
     with pytest.raises(SettingsError, match=r"LB_ROUTES\[0\].rate_limit: expected <n>/s"):
         load_settings(routes=[{"prefix": "/a", "backends": "http://127.0.0.1:1", "rate_limit": "fast"}])
+
+
+def test_access_log_text_line_names_the_rate_limit_verdict() -> None:
+    import logging
+
+    from lbapp.logs import TextFormatter
+
+    def line(verdict: str | None) -> str:
+        entry = logging.LogRecord("lbapp.access", logging.INFO, __file__, 1, "access", None, None)
+        entry.access = {  # type: ignore[attr-defined]
+            "request_id": "rid", "client": "10.0.0.9", "method": "GET", "path": "/a", "status": 429,
+            "backend": None, "attempts": 0, "upstream_ms": None, "total_ms": 0.5, "bytes_in": 0,
+            "bytes_out": 26, "rate_limit": verdict,
+        }  # fmt: skip
+        return TextFormatter().format(entry)
+
+    assert line("limited").endswith(" id=rid ratelimit=limited")
+    assert line(None).endswith(" id=rid")
