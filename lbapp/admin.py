@@ -8,14 +8,16 @@ which anyone can send.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, request_response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .answers import http_date
 from .backend import Backend
 from .cluster import Clusters
 from .headers import Networks
@@ -71,6 +73,25 @@ ACTIONS: dict[str, Callable[[Pool, Backend], str | None]] = {
 }
 
 
+class Dated:
+    """An endpoint whose answers carry a `Date` (RFC 9110 §6.6.1), as every lbapp answer does."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_dated(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"date", http_date())]
+            await send(message)
+
+        await self.app(scope, receive, send_dated)
+
+
+def route(path: str, endpoint: Callable[[Request], Awaitable[Response]], method: str) -> Route:
+    return Route(path, Dated(request_response(endpoint)), methods=[method])
+
+
 class AdminEndpoints:
     """The endpoints, bound to the app's clusters, metrics and upstream client."""
 
@@ -84,10 +105,10 @@ class AdminEndpoints:
         """Starlette routes for every endpoint whose path is set (an empty path turns one off)."""
         views = ((metrics_path, self.prometheus), (json_path, self.lb_metrics), (status_path, self.status))
         return [
-            *(Route(path, endpoint, methods=["GET"]) for path, endpoint in views if path),
-            Route("/lb-health", self.live, methods=["GET"]),
-            Route("/lb-ready", self.ready, methods=["GET"]),
-            Route("/lb-admin/backends/{action}", self.backend_action, methods=["POST"]),
+            *(route(path, endpoint, "GET") for path, endpoint in views if path),
+            route("/lb-health", self.live, "GET"),
+            route("/lb-ready", self.ready, "GET"),
+            route("/lb-admin/backends/{action}", self.backend_action, "POST"),
         ]
 
     async def prometheus(self, request: Request) -> Response:
