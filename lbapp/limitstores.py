@@ -22,6 +22,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import stat
 import tempfile
 import time
 from heapq import nsmallest
@@ -93,7 +94,7 @@ class SharedStore:
         self.clock = clock
         self.evicted = 0
         size = self.HEADER + self.sets * self.WAYS * self.SLOT
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX, self.HEADER)  # one initialiser (the header's bytes)
             try:
@@ -184,11 +185,21 @@ def create_store(settings: Any, multiproc_dir: str | None) -> Store:
         os.makedirs(multiproc_dir, exist_ok=True)
         return SharedStore(os.path.join(multiproc_dir, TABLE_NAME), settings.rate_limit_max_keys)
     if multiprocessing.parent_process() is not None:  # a worker spawned by uvicorn's supervisor
-        directory = tempfile.gettempdir()
+        directory = private_temp_dir()
         remove_stale_tables(directory)
         path = os.path.join(directory, f"lbapp-ratelimit-{os.getppid()}.table")
         return SharedStore(path, settings.rate_limit_max_keys)
     return LocalStore(settings.rate_limit_max_keys)
+
+
+def private_temp_dir() -> str:
+    """`$TMPDIR/lbapp-<uid>`, ours alone (mode 0700): nobody else can plant or read a table."""
+    path = os.path.join(tempfile.gettempdir(), f"lbapp-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{path} must be a directory of this user's alone (mode 0700)")
+    return path
 
 
 TABLE_NAME = "lbapp-ratelimit.table"

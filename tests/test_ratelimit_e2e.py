@@ -4,6 +4,7 @@ in front of echo backends, with a real redis-server where buckets are shared."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -160,7 +161,9 @@ def test_two_workers_enforce_one_limit(
         assert len(codes) == 80
         assert codes.count(200) == 30 and codes.count(429) == 50  # not 2 x 30
         if not metrics_dir:
-            assert (tmp_path / f"lbapp-ratelimit-{lb.proc.pid}.table").exists()
+            private = tmp_path / f"lbapp-{os.getuid()}"
+            assert (private / f"lbapp-ratelimit-{lb.proc.pid}.table").exists()
+            assert private.stat().st_mode & 0o777 == 0o700
             return
         # Both workers took part (each flushes its counters within a second).
         wait_until(lambda: sum(requests_per_worker(directory).values()) == 80, timeout=10)
