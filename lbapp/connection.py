@@ -1,9 +1,15 @@
-"""One HTTP/1.1 connection of `LeanTransport`: an asyncio protocol fed by httptools, and the
-response body stream that reads from it.
+"""One HTTP/1.1 connection of `LeanTransport`: an asyncio protocol fed by httptools, and nothing else.
 
 The protocol callbacks fill per-response state (status, headers, body chunks) and wake the one
 coroutine waiting on the connection; body bytes are buffered up to a high-water mark, then the
 socket stops being read until the consumer drains them (download back-pressure).
+
+Response framing is strict, because a backend's bytes are untrusted: parsing stops at the end of
+the final response, and any byte after it (in the same read, or later, while the connection is
+idle) closes the connection instead of being parsed into this response or the next one. The one
+exception is llhttp's: bare CR/LF right after a response in the same read are skipped (RFC 9112
+§2.2 robustness) and parsed into nothing. A status outside 100-599 is a protocol error. The pool
+(connection_pool.py) decides reuse from what this module reports (done, keep_alive, closed).
 """
 
 from __future__ import annotations
@@ -12,19 +18,14 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import httptools
 import httpx
 
-if TYPE_CHECKING:
-    from .transport import LeanTransport
-
 HIGH_WATER = 256 * 1024  # pause reading above this many unconsumed body bytes ...
 LOW_WATER = 64 * 1024  # ... and resume once the consumer drained below this
 DISCONNECTED = "Server disconnected without sending a response."
-_Key = tuple[str, str, int]
 
 
 def transport_error(
@@ -37,45 +38,20 @@ def transport_error(
 
 
 def expire(fut: asyncio.Future[Any]) -> None:
+    """Timer callback: fail a still-pending future with TimeoutError."""
     if not fut.done():
         fut.set_exception(TimeoutError())
 
 
-class OriginPool:
-    """Connections of one origin; ``total`` counts live + connecting connections (the slots in use)."""
-
-    __slots__ = ("dead", "idle", "total", "waiters")
-
-    def __init__(self) -> None:
-        self.idle: deque[Connection] = deque()
-        self.waiters: deque[asyncio.Future[Connection | None]] = deque()
-        self.dead = 0  # waiters that timed out or were cancelled but are still queued
-        self.total = 0
-
-    def next_waiter(self) -> asyncio.Future[Connection | None] | None:
-        """Pop the first waiter still waiting (FIFO), skipping abandoned ones."""
-        waiters = self.waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                return fut
-            self.dead -= 1
-        return None
-
-    def forget(self) -> None:
-        """A queued waiter gave up: compact the queue once most of it is dead (amortised O(1))."""
-        self.dead += 1
-        if self.dead * 2 > len(self.waiters):
-            self.waiters = deque(fut for fut in self.waiters if not fut.done())
-            self.dead = 0
+class ProtocolViolation(Exception):
+    """Raised inside a parser callback to stop parsing; its message becomes the transport error's."""
 
 
 class Connection(asyncio.Protocol):
     """One TCP connection; the protocol callbacks fill per-response state that the awaiting side reads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: OriginPool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.closed = False  # socket gone (EOF, error or closed by us)
@@ -91,6 +67,7 @@ class Connection(asyncio.Protocol):
     def begin(self, head: bool) -> None:
         """Reset the per-response state before sending a request."""
         self.active = True
+        self.accepting = True  # response bytes are expected: active, not done, no error
         self.head = head
         self.sent = False  # some request byte was written
         self.received = False  # some response byte arrived
@@ -135,16 +112,19 @@ class Connection(asyncio.Protocol):
                 self._push(data)
                 self._finish()
             return
-        if not self.active or self.parser is None or self.error is not None:
-            self._fail(httpx.RemoteProtocolError, "Received data on an idle connection.")
+        parser = self.parser
+        if not self.accepting or parser is None:  # idle, or after the end of the response
+            self._fail(httpx.RemoteProtocolError, "Received data after the end of the response.")
             return
         self.received = True
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError, "Protocol upgrades (101) are not supported.")
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError, f"Malformed response: {exc}")
+            cause = exc.__context__
+            msg = str(cause) if isinstance(cause, ProtocolViolation) else f"Malformed response: {exc}"
+            self._fail(httpx.RemoteProtocolError, msg)
         else:
             if self.content_length > 0 and self.headers_done and not self.done:
                 self.remaining = self.content_length  # rest of the body bypasses the parser
@@ -178,10 +158,9 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.done:  # bytes after a complete response (HEAD with body, pipelining...): stale framing
-            self.keep_alive = False
-        else:
-            self._reset_message()
+        if self.done:  # bytes after the final response: never parse them into it or the next one
+            raise ProtocolViolation("Received data after the end of the response.")
+        self._reset_message()
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
@@ -200,8 +179,10 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         assert parser is not None
         status = parser.get_status_code()
-        if status < 200 or self.done:
-            return  # interim 1xx: keep reading for the final response
+        if status < 200 or status > 599:
+            if 100 <= status < 200:
+                return  # interim 1xx: keep reading for the final response
+            raise ProtocolViolation(f"Invalid status code {status} in the response.")
         self.status = status
         self.headers_done = True
         self.version = parser.get_http_version()
@@ -214,9 +195,8 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.done:
-            self.keep_alive = False
-            return
+        if self.done:  # HEAD: llhttp does not know there is no body; these bytes are trailing
+            raise ProtocolViolation("Received a body after a response that has none.")
         if self.content_length > 0:
             self.content_length -= len(body)  # remainder seeds the parser bypass
         self._push(body)
@@ -244,12 +224,13 @@ class Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         self.done = True
+        self.accepting = False
         self._wake()
 
     def _fail(self, cls: type[httpx.TransportError], msg: str) -> None:
         if self.error is None and not self.done:
             self.error = (cls, msg)
-        self.keep_alive = False
+        self.accepting = self.keep_alive = False
         self.close()
         self._wake()
 
@@ -283,61 +264,3 @@ class Connection(asyncio.Protocol):
         if self.error is not None:
             cls, msg = self.error
             raise transport_error(cls, msg, request, self.sent)
-
-
-class ResponseBody(httpx.AsyncByteStream):
-    """Response body: yields chunks as received and returns the connection to the pool when done."""
-
-    __slots__ = ("_chunks", "_conn", "_owner", "_request", "_timeout")
-
-    def __init__(
-        self,
-        owner: LeanTransport,
-        conn: Connection | None,
-        chunks: deque[bytes],
-        request: httpx.Request,
-        seconds: float | None,
-    ) -> None:
-        self._owner = owner
-        self._conn = conn  # None once released: only ``_chunks`` (already received) remain
-        self._chunks = chunks
-        self._request = request
-        self._timeout = seconds
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        conn = self._conn
-        if conn is None:
-            if self._chunks:
-                return self._chunks.popleft()
-            raise StopAsyncIteration
-        try:
-            while True:
-                if conn.chunks:
-                    return conn.pop()
-                if conn.done:
-                    self._release()
-                    raise StopAsyncIteration
-                conn.raise_error(self._request)
-                if conn.closed:
-                    raise transport_error(httpx.ReadError, "Connection closed.", self._request, True)
-                try:
-                    await conn.wait(self._timeout)
-                except TimeoutError:
-                    raise transport_error(
-                        httpx.ReadTimeout, "Timed out reading the response body.", self._request, True
-                    ) from None
-        except BaseException:
-            self._release()  # errors and cancellation: close now, never reuse
-            raise
-
-    def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._owner._release(conn)
-
-    async def aclose(self) -> None:
-        self._chunks.clear()
-        self._release()

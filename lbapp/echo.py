@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import hashlib
 import json
 import os
 import socket
@@ -56,11 +57,13 @@ class EchoApp:
         if scope["type"] != "http":
             return
         body_bytes = 0
+        digest = hashlib.sha256()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body_bytes += len(message.get("body", b""))
+            digest.update(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         if self.latency:
@@ -95,6 +98,7 @@ class EchoApp:
             "headers": dict(headers),
             "header_list": headers,
             "body_bytes": body_bytes,
+            "body_sha256": digest.hexdigest(),
             "request_id_seen": seen,
         }
         await self._send(send, 200, json.dumps(document).encode())

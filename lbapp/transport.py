@@ -1,11 +1,16 @@
 """A lean HTTP/1.1 client transport for httpx, built on raw asyncio and httptools.
 
 httpcore's pool does O(connections x waiters) bookkeeping per request, which dominates the CPU of a
-busy reverse proxy.  ``LeanTransport`` keeps per origin a LIFO deque of idle connections and a FIFO
-deque of waiters, so acquiring and releasing a connection is O(1) (amortised: dead entries are
-skipped lazily).  Requests are sent verbatim: the caller owns Host, framing headers and the target
-(``request.extensions["target"]``).  Every exception raised carries ``request_sent: bool`` so a proxy
-can tell whether retrying is safe; stale keep-alive connections are retried once internally.
+busy reverse proxy. ``LeanTransport`` is the httpx interface over three parts: the HTTP/1.1
+protocol (connection.py), the per-origin O(1) pool and its body stream (connection_pool.py), and
+here the exchange itself: encode the head, send it and the body, wait for the response head.
+
+Requests are sent verbatim: the caller owns Host, framing headers and the target
+(``request.extensions["target"]``). Every exception raised carries ``request_sent: bool`` so a proxy
+can tell whether retrying is safe. A reused keep-alive connection that turns out closed is retried
+once internally, on a new connection, only when that cannot deliver the request twice (Go's
+``Transport.shouldRetryRequest``): no byte of the request was written, or the request is replayable
+(GET, HEAD, OPTIONS, TRACE or an ``Idempotency-Key`` header, and no body).
 """
 
 from __future__ import annotations
@@ -18,11 +23,21 @@ from typing import cast
 
 import httpx
 
-from .connection import DISCONNECTED, Connection, OriginPool, ResponseBody, expire, transport_error
+from .connection import DISCONNECTED, Connection, transport_error
+from .connection_pool import OriginPool, ResponseBody
+from .rawheaders import adopt
 
-__all__ = ["LeanTransport"]
+__all__ = ["LeanTransport", "replayable"]
 
 _Key = tuple[str, str, int]
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def replayable(request: httpx.Request) -> bool:
+    """Safe to send again after it may have reached the server (Go's ``Request.isReplayable``)."""
+    if request.method in REPLAYABLE_METHODS:
+        return True
+    return any(name.lower() == b"idempotency-key" and value.strip() for name, value in request.headers.raw)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -63,34 +78,41 @@ class LeanTransport(httpx.AsyncBaseTransport):
         key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = OriginPool()
+            pool = self._pools[key] = OriginPool(self._max_connections, self._max_keepalive, self._expiry)
         timeouts = self._defaults
         ext = request.extensions.get("timeout")
         if ext:
             timeouts = {**timeouts, **ext}
         head, chunked, has_body = self._encode_head(request)
 
-        conn = await self._acquire(pool, timeouts["pool"], request)
+        conn = await pool.acquire(timeouts["pool"], request)
         retried = False
         while True:
             if conn is None:
                 conn = await self._connect(pool, key, timeouts["connect"], request)
             try:
-                return await self._exchange(conn, request, head, chunked, has_body, timeouts)
+                return await self._exchange(pool, conn, request, head, chunked, has_body, timeouts)
             except (httpx.RemoteProtocolError, httpx.NetworkError):
-                stale = conn.reused and not conn.received and (not has_body or not conn.sent)
                 conn.close()
-                if retried or not stale:
-                    self._release(conn)
+                if retried or not self._may_resend(conn, request, has_body):
+                    pool.release(conn)
                     raise
                 retried, conn = True, None  # stale keep-alive connection: keep its slot, retry once
             except BaseException:
                 conn.close()
-                self._release(conn)
+                pool.release(conn)
                 raise
+
+    @staticmethod
+    def _may_resend(conn: Connection, request: httpx.Request, has_body: bool) -> bool:
+        """A reused connection failed before any response byte: may the request go out again?"""
+        if not conn.reused or conn.received:
+            return False  # a fresh connection's failure, or the server answered: not stale
+        return not conn.sent or (not has_body and replayable(request))
 
     async def _exchange(
         self,
+        pool: OriginPool,
         conn: Connection,
         request: httpx.Request,
         head: bytes,
@@ -117,7 +139,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise transport_error(
                     httpx.ReadTimeout, "Timed out waiting for the response.", request, True
                 ) from None
-        body = ResponseBody(self, conn, conn.chunks, request, timeouts["read"])
+        if conn.done:  # whole response already here: the body keeps the chunks, the pool gets the socket
+            body = ResponseBody(pool, None, conn.chunks, request, None)
+            conn.chunks, conn.buffered = deque(), 0
+            pool.release(conn)
+        else:
+            body = ResponseBody(pool, conn, conn.chunks, request, timeouts["read"])
         version = b"HTTP/1.1" if conn.version == "1.1" else b"HTTP/" + conn.version.encode()
         response = httpx.Response(
             conn.status,
@@ -125,10 +152,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             extensions={"http_version": version, "reason_phrase": conn.reason},
         )
         # The parser already gave (raw name, lower name, value): skip httpx's re-normalisation.
-        response.headers._list = conn.headers
-        if conn.done:  # whole response already here: the body keeps the chunks, the pool gets the socket
-            conn.chunks, conn.buffered = deque(), 0
-            body._release()
+        adopt(response.headers, conn.headers)
         return response
 
     async def _send_body(
@@ -205,45 +229,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         parts.append(b"\r\n")
         return b"".join(parts), chunked, chunked or (length is not None and length != b"0")
 
-    async def _acquire(
-        self, pool: OriginPool, seconds: float | None, request: httpx.Request
-    ) -> Connection | None:
-        """Return an idle connection, or None when the caller got a free slot and must connect."""
-        idle = pool.idle
-        if idle:
-            deadline = asyncio.get_running_loop().time() - self._expiry
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and conn.idle_since >= deadline:
-                    return conn
-                conn.close()
-                pool.total -= 1
-        if self._max_connections is None or pool.total < self._max_connections:
-            pool.total += 1
-            return None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Connection | None] = loop.create_future()
-        pool.waiters.append(fut)
-        handle = None if seconds is None else loop.call_later(seconds, expire, fut)
-        try:
-            return await fut
-        except TimeoutError:
-            pool.forget()
-            raise transport_error(
-                httpx.PoolTimeout, "Timed out waiting for a connection.", request, False
-            ) from None
-        except BaseException:
-            if not fut.done() or fut.cancelled() or fut.exception() is not None:
-                pool.forget()
-            elif (got := fut.result()) is None:  # handed a slot just as we were cancelled: pass it on
-                self._free_slot(pool)
-            else:
-                self._release(got)
-            raise
-        finally:
-            if handle is not None:
-                handle.cancel()
-
     async def _connect(
         self, pool: OriginPool, key: _Key, seconds: float | None, request: httpx.Request
     ) -> Connection:
@@ -258,67 +243,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(seconds):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop, pool), host, port, ssl=ctx, server_hostname=host if ctx else None
+                    lambda: Connection(loop), host, port, ssl=ctx, server_hostname=host if ctx else None
                 )
         except TimeoutError:
-            self._free_slot(pool)
+            pool.free_slot()
             raise transport_error(
                 httpx.ConnectTimeout, f"Timed out connecting to {host}:{port}.", request, False
             ) from None
         except OSError as exc:
-            self._free_slot(pool)
+            pool.free_slot()
             raise transport_error(
                 httpx.ConnectError, f"Cannot connect to {host}:{port}: {exc}", request, False
             ) from exc
         except BaseException:
-            self._free_slot(pool)
+            pool.free_slot()
             raise
         return conn
 
-    def _release(self, conn: Connection) -> None:
-        """Pool ``conn`` if its response was fully read and it may be reused, else close it."""
-        pool = conn.pool
-        conn.active = False
-        if self._closed or conn.closed or not conn.done or not conn.keep_alive or conn.chunks:
-            conn.close()
-            self._free_slot(pool)
-            return
-        if conn.read_paused and conn.transport is not None:
-            conn.read_paused = False
-            conn.transport.resume_reading()
-        conn.reused = True
-        fut = pool.next_waiter()
-        if fut is not None:
-            fut.set_result(conn)
-            return
-        if self._max_keepalive is not None and len(pool.idle) >= self._max_keepalive:
-            if self._max_keepalive <= 0:
-                conn.close()
-                self._free_slot(pool)
-                return
-            pool.idle.popleft().close()  # drop the oldest idle connection
-            pool.total -= 1
-        conn.idle_since = conn.loop.time()
-        pool.idle.append(conn)
-        deadline = conn.idle_since - self._expiry
-        idle = pool.idle
-        while idle and (idle[0].closed or idle[0].idle_since < deadline):  # amortised O(1) pruning
-            idle.popleft().close()
-            pool.total -= 1
-
-    def _free_slot(self, pool: OriginPool) -> None:
-        """A connection slot became free: hand it to the first live waiter, or give it back."""
-        fut = pool.next_waiter()
-        if fut is not None:
-            fut.set_result(None)
-        else:
-            pool.total -= 1
+    def origin_pool(self, scheme: str, host: str, port: int) -> OriginPool | None:
+        """The connection pool of one origin, for inspection (None before its first request)."""
+        return self._pools.get((scheme, host, port))
 
     async def aclose(self) -> None:
         self._closed = True
         for pool in self._pools.values():
-            while pool.idle:
-                pool.idle.pop().close()
-            while (fut := pool.next_waiter()) is not None:
-                fut.set_exception(RuntimeError("LeanTransport is closed."))
+            pool.close()
         self._pools.clear()

