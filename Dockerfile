@@ -23,10 +23,9 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/lb-ready', timeout=2)"]
 
-# uvicorn is PID 1 (exec form) and gets SIGTERM itself; --timeout-graceful-shutdown gives
-# in-flight requests 30 s (docker-compose.yml's stop_grace_period is longer, so no SIGKILL first).
+# lbapp's launcher is PID 1 (exec form) and gets SIGTERM itself; LB_GRACEFUL_TIMEOUT (30 s) gives
+# in-flight requests time to finish (docker-compose.yml's stop_grace_period is longer, so no SIGKILL
+# first). The launcher sets uvicorn's production flags and lbapp's hardened protocol; the flags
+# win over LB_HOST/LB_PORT (the image must listen beyond its loopback on the port it EXPOSEs).
 STOPSIGNAL SIGTERM
-# The production flags of the Makefile's UVICORN_FLAGS.
-CMD ["uvicorn", "lbapp:app", "--host", "0.0.0.0", "--port", "8080", \
-     "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-server-header", \
-     "--no-date-header", "--no-proxy-headers", "--timeout-graceful-shutdown", "30"]
+CMD ["lbapp", "--host", "0.0.0.0", "--port", "8080"]

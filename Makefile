@@ -3,11 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Production uvicorn flags: fast loop and parser, no server access log (the app logs), no
-# Server/Date headers of uvicorn's own (the backend's pass through), no X-Forwarded-For
-# rewriting by uvicorn (lbapp resolves the client itself, see LB_TRUSTED_PROXIES).
-UVICORN_FLAGS := --loop uvloop --http httptools --no-access-log --no-server-header --no-date-header \
-	--no-proxy-headers --timeout-graceful-shutdown 30
+# The demo and the image run lbapp's launcher (`lbapp`, lbapp/cli.py), which starts uvicorn with
+# the production defaults and the hardened protocol; `uvicorn lbapp:app` is the lower-level way.
 
 .PHONY: install test lint demo bench clean
 
@@ -28,10 +25,11 @@ test: lint
 	$(BIN)/pytest
 
 # Three echo backends on 127.0.0.1:3001-3003 and lbapp on 127.0.0.1:8080; Ctrl-C stops all four.
+# The echo backends serve /health, so the demo checks that path (the default check is a TCP connect).
 demo: $(STAMP)
 	@pids=""; trap 'kill $$pids 2>/dev/null; wait' EXIT INT TERM; \
 	for i in 1 2 3; do $(BIN)/python -m lbapp.echo --port 300$$i --name backend-$$i & pids="$$pids $$!"; done; \
-	$(BIN)/uvicorn lbapp:app --host 127.0.0.1 --port 8080 $(UVICORN_FLAGS)
+	LB_HEALTH_PATH=/health $(BIN)/lbapp --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

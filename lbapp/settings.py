@@ -43,6 +43,7 @@ from .config import (
     split_backends,
 )
 from .limitsettings import RateLimitSettings, RouteRateLimit
+from .server_settings import ServerSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -108,7 +109,7 @@ class RouteSpec(RouteRateLimit):
         return value
 
 
-class Settings(BaseSettings, RateLimitSettings):
+class Settings(ServerSettings, RateLimitSettings):  # server_settings.py, limitsettings.py: their fields
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(

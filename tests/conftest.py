@@ -269,6 +269,27 @@ class LBProcess:
         self.sock.close()
 
 
+class LauncherProcess(LBProcess):
+    """`python -m lbapp` (the launcher, with its hardened protocol) in a subprocess, on an inherited
+    socket, configured through LB_* variables; `args` are the launcher's flags."""
+
+    def __init__(self, env: dict[str, str], *args: str, stderr: Any = None) -> None:
+        self.sock = listening_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        fd = self.sock.fileno()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LB_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lbapp", "--fd", str(fd), *args],
+            pass_fds=[fd],
+            cwd=ROOT,
+            env=full_env,
+            stderr=stderr,
+        )
+        wait_until(lambda: self._up(), timeout=30)
+
+
 class RedisServer:
     """A real `redis-server` on 127.0.0.1, persistence off; restartable on the same port."""
 

@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the stack is proved piece by piece: Debian's `docker-compose config`
 validates the compose file; the stack itself is reproduced without Docker (three echo backends,
-`uvicorn lbapp:app` configured from deploy/lbapp.env, and a real Prometheus on the project's
+the launcher `python -m lbapp` configured from deploy/lbapp.env, and a real Prometheus on the project's
 deploy/prometheus/prometheus.yml with the target rewritten); every PromQL expression of the
 dashboard is evaluated by that Prometheus; every metric the dashboard names is checked against
 lbapp's real /metrics output.
@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbapp.settings import Settings, load_settings
 
-from .conftest import ROOT, EchoBackend, LBProcess
+from .conftest import ROOT, EchoBackend, LauncherProcess
 
 ROOT_DIR = Path(ROOT)
 COMPOSE_FILE = ROOT_DIR / "docker-compose.yml"
@@ -193,8 +193,11 @@ def test_compose_config_validates_and_names_the_stack(compose: dict[str, Any]) -
     assert depends["grafana"]["prometheus"]["condition"] == "service_healthy"
     for name in ("lb", *ECHO_SERVICES, "prometheus", "grafana"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-    # uvicorn's graceful shutdown (30 s) must end before Docker's SIGKILL.
+    # lbapp's graceful shutdown (LB_GRACEFUL_TIMEOUT, 30 s) must end before Docker's SIGKILL.
     assert services["lb"]["stop_grace_period"] == "35s"
+    assert float(services["lb"]["environment"]["LB_GRACEFUL_TIMEOUT"]) < 35
+    # The echo backends serve /health, and the stack checks it explicitly (not the default check).
+    assert services["lb"]["environment"]["LB_HEALTH_PATH"] == "/health"
 
 
 def test_compose_lb_settings_are_lbapp_settings(
@@ -293,7 +296,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     ]
 
 
-def test_dockerfile_runs_uvicorn_with_the_production_flags() -> None:
+def test_dockerfile_runs_the_launcher() -> None:
     instructions = dockerfile_instructions()
     first = dict(reversed(instructions))  # first occurrence of each instruction
     last = dict(instructions)
@@ -301,12 +304,10 @@ def test_dockerfile_runs_uvicorn_with_the_production_flags() -> None:
     assert last["USER"] not in ("root", "0")
     assert last["STOPSIGNAL"] == "SIGTERM"
     assert any(kind == "RUN" and "pip install ." in args for kind, args in instructions)
-    makefile = (ROOT_DIR / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
-    flags = re.search(r"^UVICORN_FLAGS\s*:=\s*(.*)$", makefile, re.MULTILINE)
-    assert flags is not None
-    expected = ["uvicorn", "lbapp:app", "--host", "0.0.0.0", "--port", "8080", *flags.group(1).split()]
-    assert json.loads(last["CMD"]) == expected
-    assert "--timeout-graceful-shutdown" in expected
+    # The launcher (uvicorn's production flags, the hardened protocol), on the port it EXPOSEs,
+    # beyond its loopback; exec form, so it is PID 1 and gets SIGTERM itself.
+    assert json.loads(last["CMD"]) == ["lbapp", "--host", "0.0.0.0", "--port", last["EXPOSE"]]
+    assert last["EXPOSE"] == "8080"
     # The HEALTHCHECK is the liveness endpoint, which does not flap when the backends are down.
     assert "http://127.0.0.1:8080/lb-ready" in last["HEALTHCHECK"]
 
@@ -317,7 +318,7 @@ def test_dockerfile_runs_uvicorn_with_the_production_flags() -> None:
 @dataclass
 class Stack:
     backends: list[EchoBackend]
-    lb: LBProcess
+    lb: LauncherProcess
     exposition: str = ""
     prometheus_url: str = ""
     rates: dict[str, float] | None = None  # per backend, once Prometheus has seen traffic
@@ -333,10 +334,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def lbapp_stack() -> Iterator[Stack]:
-    """Three echo backends and `uvicorn lbapp:app` configured from deploy/lbapp.env, after traffic
+    """Three echo backends and `python -m lbapp` configured from deploy/lbapp.env, after traffic
     and a health-check round; `exposition` is lbapp's /metrics then."""
     backends = [EchoBackend(f"backend-{i}") for i in (1, 2, 3)]
-    lb: LBProcess | None = None
+    lb: LauncherProcess | None = None
     try:
         for backend in backends:
             backend.start()
@@ -344,7 +345,9 @@ def lbapp_stack() -> Iterator[Stack]:
         env["LB_BACKENDS"] = ",".join(b.url for b in backends)  # the stack's echo1..3, here
         env["LB_HEALTH_INTERVAL"] = "0.2"  # health rounds within the test's time
         env["LB_ACCESS_LOG"] = "false"
-        lb = LBProcess(env, "--loop", "uvloop", "--http", "httptools", "--timeout-graceful-shutdown", "5")
+        env["LB_HEALTH_PATH"] = "/health"  # as docker-compose.yml's environment sets it
+        env["LB_GRACEFUL_TIMEOUT"] = "5"
+        lb = LauncherProcess(env)  # what the image runs
         stack = Stack(backends, lb)
         stack.traffic()
 
@@ -510,3 +513,13 @@ def test_dashboard_metric_is_exported_by_lbapp(lbapp_stack: Stack, name: str) ->
     """lbapp's real /metrics (after traffic and a health round) has every metric the dashboard reads."""
     exported = exported_names(lbapp_stack.exposition) | PROMETHEUS_SERIES
     assert name in exported, f"the dashboard reads {name}, which lbapp does not export"
+
+
+def test_make_demo_runs_the_launcher_checking_health() -> None:
+    """`make demo` serves through the launcher and checks the echo backends' /health explicitly."""
+    makefile = (ROOT_DIR / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe is not None
+    launch = r"LB_HEALTH_PATH=/health \$\(BIN\)/lbapp --host 127\.0\.0\.1 --port 8080"
+    assert re.search(launch, recipe.group(1)), recipe.group(1)
+    assert "uvicorn" not in recipe.group(1)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import EchoBackend, LBProcess, RedisServer, run_lb, wait_until
+from .conftest import EchoBackend, LauncherProcess, LBProcess, RedisServer, run_lb, wait_until
 from .test_metrics import prometheus_samples, total
 from .test_multiprocess import requests_per_worker
 
@@ -129,11 +129,10 @@ def test_two_instances_share_one_limit_through_redis(
             lb.stop()
 
 
-@pytest.mark.parametrize("metrics_dir", [True, False])
-def test_two_workers_enforce_one_limit(
-    echo_backends: list[EchoBackend], tmp_path: Path, metrics_dir: bool
-) -> None:
-    """`--workers 2`: one table shared by both, in PROMETHEUS_MULTIPROC_DIR or else in the temp dir."""
+@pytest.mark.parametrize("how", ["metrics_dir", "temp_dir", "launcher"])
+def test_two_workers_enforce_one_limit(echo_backends: list[EchoBackend], tmp_path: Path, how: str) -> None:
+    """`--workers 2` share one table: in PROMETHEUS_MULTIPROC_DIR, else in a private temp dir; the
+    same through the `lbapp` launcher (which makes a metrics directory of its own)."""
     directory = tmp_path / "metrics"
     env = {
         "LB_BACKENDS": echo_backends[0].url,
@@ -142,9 +141,10 @@ def test_two_workers_enforce_one_limit(
         "LB_RATE_LIMIT": "30/h",
         "TMPDIR": str(tmp_path),
     }
+    metrics_dir = how == "metrics_dir"
     if metrics_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    lb = LBProcess(env, "--workers", "2")
+    lb = LauncherProcess(env, "--workers", "2") if how == "launcher" else LBProcess(env, "--workers", "2")
     try:
         codes: list[int] = []
 
@@ -160,6 +160,8 @@ def test_two_workers_enforce_one_limit(
             thread.join(timeout=60)
         assert len(codes) == 80
         assert codes.count(200) == 30 and codes.count(429) == 50  # not 2 x 30
+        if how == "launcher":
+            return
         if not metrics_dir:
             private = tmp_path / f"lbapp-{os.getuid()}"
             assert (private / f"lbapp-ratelimit-{lb.proc.pid}.table").exists()
