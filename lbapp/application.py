@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
@@ -31,6 +31,9 @@ from .retry import RetryBudget, RetryPolicy
 from .settings import Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
+from .wsmetrics import WebSocketStats
+from .wsproxy import WebSocketProxy
+from .wsupstream import WebSocketConfig
 
 logger = logging.getLogger("lbapp")
 
@@ -90,6 +93,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         jitter=settings.health_jitter,
         timeout=settings.health_timeout,
     )
+    ws_stats = WebSocketStats()
+    stats.sources.append(ws_stats.families)
+    websocket = WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), ws_stats)
     metrics = Metrics(stats, clusters, multiproc_dir())
     admin = AdminEndpoints(
         clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
@@ -131,11 +137,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
         Route("/{path:path}", proxy),
+        # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
+        WebSocketRoute("/{path:path}", websocket),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.clusters = clusters
     app.state.stats = stats
+    app.state.websocket_stats = ws_stats
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health

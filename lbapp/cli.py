@@ -34,6 +34,7 @@ from .application import create_app
 from .logs import configure_logging
 from .server import HardenedHttpToolsProtocol, HeadLimits, ServerConfig
 from .settings import Settings, SettingsError, load_settings
+from .wsserver import GracefulWebSocketProtocol
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # uvicorn's keep-alive timeout (its default): keep the backends' own idle timeouts above it.
@@ -104,6 +105,8 @@ def server_config(settings: Settings, args: argparse.Namespace, app: Any) -> Ser
         factory=workers > 1,
         loop="uvloop",
         http=HardenedHttpToolsProtocol,
+        ws=GracefulWebSocketProtocol,  # open sessions get 1001 at the end of the graceful time
+        ws_max_size=settings.websocket_max_message,  # the relay's limit, on the client side too
         server_header=False,
         date_header=False,
         proxy_headers=False,

@@ -5,7 +5,12 @@
 Every path answers JSON `{"server", "method", "path", "query", "headers", "body_bytes"}`.
 Test helpers: `/health`; `/bytes/N` streams N bytes; `/status/N` answers status N;
 `/cookies` sets two cookies; `/redirect` answers 302; `/gzip` answers a gzip-encoded body;
-`/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering.
+`/truncate/N` promises 2N bytes, sends N and dies; `/sleep/S` waits S seconds before answering;
+`/sse/ID` sends one server-sent event, the rest once `/sse-release/ID` is called (streaming test).
+WebSocket (any path) echoes text and binary; picks `echo.v2` or `echo.v1` from the offered
+subprotocols; obeys `!info` (handshake as JSON), `!close CODE REASON`, `!flood N SIZE`, `!stall S`;
+`/ws/close/CODE?reason=R` closes once accepted; `/ws/refuse/STATUS` refuses with that status and
+a body; `GET /ws-closes` lists the close codes and reasons clients sent.
 `--fail` makes every answer (health included) a 500; `--latency` delays every answer;
 `--flap` makes every other `/health` answer a 500; `--id-log FILE` appends `METHOD ID` for every
 request carrying an `X-Request-ID`, written before the answer, so the record survives a SIGKILL
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -27,6 +33,7 @@ import uvicorn
 
 Scope = dict[str, Any]
 CHUNK = b"x" * 65536
+SUBPROTOCOLS = ("echo.v2", "echo.v1")  # the echo backend's preference order
 
 
 class EchoApp:
@@ -46,6 +53,8 @@ class EchoApp:
         self.flap = flap
         self.health_checks = 0
         self.request_ids: dict[str, int] = {}
+        self.ws_closes: list[dict[str, Any]] = []  # close frames received from WebSocket clients
+        self.sse_gates: dict[str, asyncio.Event] = {}
         self.id_log = os.open(id_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if id_log else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -53,6 +62,9 @@ class EchoApp:
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
             return
         if scope["type"] != "http":
             return
@@ -126,6 +138,13 @@ class EchoApp:
             await send(start)
             await send({"type": "http.response.body", "body": b"x" * length, "more_body": True})
             return True  # returning mid-response makes uvicorn close the connection
+        elif head == "ws-closes":
+            await self._send(send, 200, json.dumps(self.ws_closes).encode())
+        elif head == "sse" and arg:
+            await self._sse(send, arg)
+        elif head == "sse-release" and arg:
+            self.sse_gates.setdefault(arg, asyncio.Event()).set()
+            await self._send(send, 200, b"released\n")
         elif head == "sleep":
             await asyncio.sleep(float(arg or 1))
             await self._send(send, 200, b"slept\n")
@@ -154,6 +173,90 @@ class EchoApp:
             await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
         if size == 0:
             await send({"type": "http.response.body", "body": b""})
+
+    async def _sse(self, send: Any, gate_id: str) -> None:
+        """One event, then wait (at most 30 s) for `/sse-release/ID`, then two more events."""
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"id: 1\ndata: first\n\n", "more_body": True})
+        gate = self.sse_gates.setdefault(gate_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.wait(), 30)
+        self.sse_gates.pop(gate_id, None)
+        await send({"type": "http.response.body", "body": b"id: 2\ndata: second\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"id: 3\ndata: third\n\n"})
+
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        parts = scope["path"].strip("/").split("/")
+        helper, arg = (parts[1], parts[2]) if len(parts) > 2 and parts[0] == "ws" else ("", "")
+        name = self.name.encode()
+        if self.fail or (helper == "refuse" and arg.isdigit()):
+            status = 500 if self.fail else int(arg)
+            body = json.dumps({"server": self.name, "error": "refused"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers.append((b"x-backend", name))
+            if status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="echo"'))
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
+        offered = scope.get("subprotocols") or []
+        chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
+        accept: dict[str, Any] = {"type": "websocket.accept", "headers": [(b"x-backend", name)]}
+        if chosen is not None:
+            accept["subprotocol"] = chosen
+        await send(accept)
+        if helper == "close" and arg.isdigit():
+            query = dict(p.partition("=")[::2] for p in scope["query_string"].decode().split("&") if p)
+            await send({"type": "websocket.close", "code": int(arg), "reason": query.get("reason", "")})
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                closed = {"code": message.get("code"), "reason": message.get("reason") or ""}
+                self.ws_closes.append({"path": scope["path"], **closed})
+                return
+            text = message.get("text")
+            if text is None:
+                await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
+            elif text.startswith("!"):
+                if await self._command(scope, send, text, chosen):
+                    return
+            else:
+                await send({"type": "websocket.send", "text": text})
+
+    async def _command(self, scope: Scope, send: Any, text: str, subprotocol: str | None) -> bool:
+        """A `!command` message; True when it closed the session."""
+        words = text[1:].split(" ", 2)
+        if words[0] == "info":
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            document = {
+                "server": self.name,
+                "path": scope["path"],
+                "raw_path": (scope.get("raw_path") or b"").decode("latin-1"),
+                "query": scope["query_string"].decode("latin-1"),
+                "headers": dict(headers),
+                "header_list": headers,
+                "subprotocol": subprotocol,
+            }
+            await send({"type": "websocket.send", "text": json.dumps(document)})
+        elif words[0] == "close" and len(words) > 1 and words[1].isdigit():
+            reason = words[2] if len(words) > 2 else ""
+            await send({"type": "websocket.close", "code": int(words[1]), "reason": reason})
+            return True
+        elif words[0] == "stall" and len(words) > 1:  # stop reading: lets the client's sends back up
+            await asyncio.sleep(float(words[1]))
+        elif words[0] == "flood" and len(words) > 2 and words[1].isdigit() and words[2].isdigit():
+            payload = os.urandom(int(words[2]))  # incompressible: what crosses the wire is its size
+            for _ in range(int(words[1])):
+                await send({"type": "websocket.send", "bytes": payload})
+        else:
+            await send({"type": "websocket.send", "text": text})
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

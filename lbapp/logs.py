@@ -48,12 +48,18 @@ class TextFormatter(logging.Formatter):
             return f"{line}\n{record.exc_text}" if record.exc_text else line
         a = access
         upstream = f"{a['upstream_ms']:.1f}ms" if a["upstream_ms"] is not None else "-"
-        return (
+        line = (
             f'{rfc3339(record.created)} {a["client"] or "-"} "{a["method"]} {a["path"]}" {a["status"]}'
             f" backend={a['backend'] or '-'} attempts={a['attempts']} upstream={upstream}"
             f" total={a['total_ms']:.1f}ms in={a['bytes_in']} out={a['bytes_out']} id={a['request_id']}"
             + (f" ratelimit={a['rate_limit']}" if a.get("rate_limit") else "")
         )
+        if "ws_close_code" in a:  # a WebSocket session, logged when it closed
+            line += (
+                f" ws_close={a['ws_close_code']} ws_ended_by={a['ws_ended_by']}"
+                f" ws_messages={a['ws_messages_in']}/{a['ws_messages_out']}"
+            )
+        return line
 
 
 class JsonFormatter(logging.Formatter):

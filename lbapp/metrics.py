@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,14 +65,15 @@ def error_kind(error: BaseException | None) -> str:
 class Histogram:
     """Bucket counts (not cumulative; the last one is +Inf) and a sum: one bisect per observation."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
 
@@ -97,6 +98,7 @@ class Stats:
         "lb_errors",
         "requests",
         "retries",
+        "sources",
         "started",
         "success",
         "upstream_errors",
@@ -104,6 +106,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.time()
+        # More families, from other parts (e.g. wsmetrics.WebSocketStats), given the backend labels.
+        self.sources: list[Callable[[list[tuple[str, str]]], list[Family]]] = []
         self.requests = 0  # received by the proxy route
         self.in_flight = 0
         self.success = 0  # answered with a backend's response
@@ -165,6 +169,7 @@ class Family:
 
     `samples` maps label values to a number, or for a histogram to (bucket counts, sum).
     `mode` is the prometheus-client multiprocess gauge mode used to combine workers.
+    `buckets` are a histogram's upper bounds as prometheus-client writes them.
     """
 
     name: str
@@ -173,6 +178,7 @@ class Family:
     labels: tuple[str, ...] = ()
     mode: str = ""
     samples: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    buckets: tuple[str, ...] = BUCKET_LABELS
 
 
 def families(stats: Stats, clusters: Clusters) -> list[Family]:
@@ -180,7 +186,7 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
     backends = [b for cluster in clusters for b in cluster.pool.backends]
     eligible = {b for cluster in clusters for b in cluster.pool.eligible}
     labels = [(b.route, b.url) for b in backends]
-    limiters = [c.limiter for c in clusters if c.limiter is not None]
+    rl_errors = sum(c.limiter.errors for c in clusters if c.limiter is not None)
     by = ("route", "backend")
 
     def per_backend(name: str, doc: str, type_: str, values: Iterable[float], mode: str = "") -> Family:
@@ -260,16 +266,14 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
         checks,
         per_backend("lb_outlier_ejections", "Backends ejected by passive outlier detection.", "counter",
                     (b.ejections for b in backends)),
-        Family("lb_rate_limited", "Client requests refused by rate limiting (429, or 503 when its store"
-               " is down and LB_RATE_LIMIT_FAIL_OPEN is false), by route.", "counter", ("route",),
-               samples={(lim.route,): lim.refused for lim in limiters} or {("/",): 0}),
-        Family("lb_rate_limit_errors", "Requests the rate limiter's store (Redis) did not answer for in"
-               " time, decided by LB_RATE_LIMIT_FAIL_OPEN.", "counter",
-               samples={(): sum(lim.errors for lim in limiters)}),
+        Family("lb_rate_limited", "Requests refused by rate limiting, by route.", "counter", ("route",),
+               samples={(c.prefix,): c.limiter.refused for c in clusters if c.limiter} or {("/",): 0}),
+        Family("lb_rate_limit_errors", "Rate-limit store failures.", "counter", samples={(): rl_errors}),
         Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
                samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
+        *(f for source in stats.sources for f in source(labels)),
     ]  # fmt: skip
 
 
@@ -289,7 +293,7 @@ def to_prometheus(items: Iterable[Family]) -> Iterator[Metric]:
             metric = HistogramMetricFamily(f.name, f.doc, labels=f.labels)
             for values, (counts, total) in f.samples.items():
                 buckets, acc = [], 0
-                for bound, count in zip(BUCKET_LABELS, counts, strict=True):
+                for bound, count in zip(f.buckets, counts, strict=True):
                     acc += count
                     buckets.append((bound, acc))
                 metric.add_metric(values, buckets, total)

@@ -19,7 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.values import MultiProcessValue
 
-from .metrics import BUCKET_LABELS, Family
+from .metrics import Family
 
 logger = logging.getLogger("lbapp.metrics")
 
@@ -77,7 +77,7 @@ class MultiprocessStore:
             else:
                 bucket_labels = (*f.labels, "le")
                 for values, (counts, total) in f.samples.items():
-                    for bound, count in zip(BUCKET_LABELS, counts, strict=True):
+                    for bound, count in zip(f.buckets, counts, strict=True):
                         self._set(f, f.name + "_bucket", bucket_labels, (*values, bound), count)
                     self._set(f, f.name + "_sum", f.labels, values, total)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from .backend import Backend
 from .logs import AccessEntry, BatchingHandler, find_batching_handler
@@ -90,7 +90,58 @@ class AccessLog:
             "bytes_out": tap.bytes_out,
             "rate_limit": tap.rate_limit,
         }
+        self.emit(fields)
+
+    def write_websocket(
+        self,
+        scope: dict[str, Any],
+        request_id: bytes,
+        status: int,
+        backend: Backend | None,
+        attempts: int,
+        started: float,
+        answered_at: float,
+        session: Relayed | None,
+    ) -> None:
+        """One line per WebSocket request, written when the session closes (or at once when the
+        handshake was refused or failed): `upstream` is the handshake, `total` the whole session,
+        in/out the message bytes each way, plus the close code, who ended it and message counts."""
+        if self.logger.disabled:
+            return
+        client = scope.get("client")
+        fields: dict[str, Any] = {
+            "request_id": request_id.decode("latin-1"),
+            "client": client[0] if client else None,
+            "method": "GET",
+            "path": scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+            "status": status,
+            "backend": backend.url if backend is not None else None,
+            "attempts": attempts,
+            "upstream_ms": round((answered_at - started) * 1000, 3),
+            "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            "bytes_in": session.bytes_in if session is not None else 0,
+            "bytes_out": session.bytes_out if session is not None else 0,
+        }
+        if session is not None:
+            fields["ws_close_code"] = session.close_code
+            fields["ws_ended_by"] = session.ended_by
+            fields["ws_messages_in"] = session.messages_in
+            fields["ws_messages_out"] = session.messages_out
+        self.emit(fields)
+
+    def emit(self, fields: dict[str, Any]) -> None:
         if self.handler is not None:
             self.handler.handle(cast(logging.LogRecord, AccessEntry(fields)))
         elif self.logger.isEnabledFor(logging.INFO):
             self.logger.info("access", extra={"access": fields})
+
+
+class Relayed(Protocol):
+    """What the access log reads of a closed WebSocket session (see `websocket.Session`)."""
+
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    close_code: int
+    ended_by: str

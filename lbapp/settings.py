@@ -44,6 +44,7 @@ from .config import (
 )
 from .limitsettings import RateLimitSettings, RouteRateLimit
 from .server_settings import ServerSettings
+from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
 
@@ -109,7 +110,7 @@ class RouteSpec(RouteRateLimit):
         return value
 
 
-class Settings(ServerSettings, RateLimitSettings):  # server_settings.py, limitsettings.py: their fields
+class Settings(ServerSettings, WebSocketSettings, RateLimitSettings):  # fields: their modules
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(

@@ -119,7 +119,15 @@ class Upstream:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         assert self.transport is not None, "the lifespan has not started"
-        return await self.transport.handle_async_request(request)
+        if self.kind == "lean":
+            return await self.transport.handle_async_request(request)
+        try:
+            return await self.transport.handle_async_request(request)
+        except (AttributeError, OSError) as exc:
+            # httpcore over anyio can fail outside its exception map when a backend resets the
+            # connection at once ('NoneType' object has no attribute 'getpeername'): still a
+            # network failure of this attempt, never a 500.
+            raise httpx.NetworkError(f"connection failed: {exc!r}", request=request) from exc
 
     async def aclose(self) -> None:
         if self.client is not None:

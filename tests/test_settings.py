@@ -287,3 +287,34 @@ def test_health_setting_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_statuses("200-204, 304") == {200, 201, 202, 203, 204, 304}
     monkeypatch.delenv("LB_ADMIN_WRITE_ALLOW")
     assert load_settings().admin_write_allow == ["127.0.0.1/32", "::1/128"]
+
+
+def test_websocket_settings_parse_sizes_and_durations() -> None:
+    settings = load_settings()
+    assert (settings.websocket_max_message, settings.websocket_idle_timeout) == (16 * 1024 * 1024, 0.0)
+    assert settings.websocket_ping_interval == 20.0
+    parsed = load_settings(
+        websocket_max_message="64KiB", websocket_idle_timeout="2m", websocket_ping_interval="0"
+    )
+    assert (parsed.websocket_max_message, parsed.websocket_idle_timeout) == (65536, 120.0)
+    assert parsed.websocket_ping_interval == 0.0
+    assert load_settings(websocket_max_message="1048576").websocket_max_message == 1048576
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LB_WEBSOCKET_MAX_MESSAGE", "lots"),
+        ("LB_WEBSOCKET_MAX_MESSAGE", "0"),
+        ("LB_WEBSOCKET_MAX_MESSAGE", "16GiB"),
+        ("LB_WEBSOCKET_IDLE_TIMEOUT", "-1"),
+        ("LB_WEBSOCKET_PING_INTERVAL", "often"),
+    ],
+)
+def test_bad_websocket_values_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=rf"^invalid setting {name}: ") as error:
+        load_settings()
+    assert "\n" not in str(error.value)

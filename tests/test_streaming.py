@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from .conftest import EchoBackend, LBProcess
+from .conftest import EchoBackend, LBProcess, run_lb
 
 SIZE = int(os.environ.get("LB_TEST_STREAM_MIB", "256")) * 1024 * 1024
 MAX_GROWTH = 48 * 1024 * 1024
@@ -63,3 +63,23 @@ def test_large_download_and_upload_keep_memory_flat(echo_backends: list[EchoBack
         f"download grew RSS by {(download.peak - baseline) >> 20} MiB"
     )
     assert upload.peak - baseline < MAX_GROWTH, f"upload grew RSS by {(upload.peak - baseline) >> 20} MiB"
+
+
+def test_server_sent_events_stream_event_by_event(echo_backends: list[EchoBackend]) -> None:
+    """The backend sends one event and waits: the client must get it before the rest exists."""
+    accept = {"Accept": "text/event-stream"}
+    with (
+        run_lb([echo_backends[0].url]) as lb,
+        httpx.Client(base_url=lb.url, timeout=20) as client,
+        client.stream("GET", "/sse/gate-1", headers=accept) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = response.iter_lines()
+        first = [next(lines) for _ in range(3)]
+        # The backend holds the second event until released: had lbapp buffered the stream,
+        # the first event would not be here yet (and this read would time out).
+        assert first == ["id: 1", "data: first", ""]
+        assert client.get("/sse-release/gate-1").status_code == 200
+        rest = list(lines)
+    assert rest == ["id: 2", "data: second", "", "id: 3", "data: third", ""]
