@@ -7,11 +7,14 @@ which anyone can send.
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, request_response
@@ -22,6 +25,7 @@ from .backend import Backend
 from .cluster import Clusters
 from .headers import Networks
 from .pool import Pool
+from .runtime import ChangeError, Runtime, check_weight, describe
 from .status import STATUS_PAGE
 from .upstream import Upstream
 from .views import Metrics
@@ -36,14 +40,31 @@ def json_response(
 
 
 FORBIDDEN = json_response({"error": "forbidden"}, 403)
+CROSS_ORIGIN = json_response({"error": "cross-origin admin writes are refused"}, 403)
+NOT_JSON = json_response({"error": "a request body must be application/json"}, 415)
+REALM = 'Bearer realm="lbapp-admin"'
+NO_TOKEN = json_response({"error": "a bearer token is required"}, 401, {"www-authenticate": REALM})
+BAD_TOKEN = json_response(
+    {"error": "invalid token"}, 401, {"www-authenticate": REALM + ', error="invalid_token"'}
+)
+# Go's CrossOriginProtection also refuses `same-site`: a sibling subdomain is another origin.
+CROSS_SITE = frozenset({"cross-site", "same-site"})
 
 
 class AdminGuard:
-    """`LB_ADMIN_ALLOW` may read the views, `LB_ADMIN_WRITE_ALLOW` may act (empty: everyone)."""
+    """Who may read the views and who may change a backend.
 
-    def __init__(self, read: list[str], write: list[str]) -> None:
+    Reads: the TCP peer is in `LB_ADMIN_ALLOW`. Writes, in this order: the peer is in
+    `LB_ADMIN_WRITE_ALLOW` (403); the request does not come from a browser page (no `Origin`,
+    `Sec-Fetch-Site` not cross-site or same-site: 403); with `LB_ADMIN_TOKEN`, it carries
+    `Authorization: Bearer <token>` (401, RFC 6750); a body is `application/json` (415).
+    An empty allow-list lets everyone through that check.
+    """
+
+    def __init__(self, read: list[str], write: list[str], token: SecretStr | None = None) -> None:
         self.read = Networks(read)
         self.write = Networks(write)
+        self._token = token.get_secret_value().encode() if token is not None else None
 
     @staticmethod
     def _allows(networks: Networks, request: Request) -> bool:
@@ -56,6 +77,26 @@ class AdminGuard:
 
     def may_write(self, request: Request) -> bool:
         return self._allows(self.write, request)
+
+    def refuse_write(self, request: Request) -> Response | None:
+        """None when `request` may change state, else the answer refusing it."""
+        if not self.may_write(request):
+            return FORBIDDEN
+        headers = request.headers
+        if "origin" in headers or headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE:
+            return CROSS_ORIGIN
+        if self._token is not None:
+            scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+            if not scheme:
+                return NO_TOKEN
+            given = credentials.strip().encode("latin-1")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+                return BAD_TOKEN
+        has_body = headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if has_body and media_type != "application/json":
+            return NOT_JSON
+        return None
 
 
 def _eject(pool: Pool, backend: Backend) -> str | None:
@@ -88,18 +129,44 @@ class Dated:
         await self.app(scope, receive, send_dated)
 
 
-def route(path: str, endpoint: Callable[[Request], Awaitable[Response]], method: str) -> Route:
-    return Route(path, Dated(request_response(endpoint)), methods=[method])
+def route(path: str, endpoint: Callable[[Request], Awaitable[Response]], *methods: str) -> Route:
+    return Route(path, Dated(request_response(endpoint)), methods=list(methods))
+
+
+MAX_BODY = 64 * 1024  # an admin request body is a small JSON object
+
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body (the guard has checked its media type), bounded in size."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ChangeError(413, f"the body is larger than {MAX_BODY} bytes")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ChangeError(400, "the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise ChangeError(400, "the body must be a JSON object")
+    return document
+
+
+def refusal(error: ChangeError) -> Response:
+    return json_response({"error": error.message}, error.status)
 
 
 class AdminEndpoints:
-    """The endpoints, bound to the app's clusters, metrics and upstream client."""
+    """The endpoints, bound to the app's clusters, metrics, upstream client and runtime changes."""
 
-    def __init__(self, clusters: Clusters, metrics: Metrics, upstream: Upstream, guard: AdminGuard) -> None:
+    def __init__(
+        self, clusters: Clusters, metrics: Metrics, upstream: Upstream, guard: AdminGuard, runtime: Runtime
+    ) -> None:
         self.clusters = clusters
         self.metrics = metrics
         self.upstream = upstream
         self.guard = guard
+        self.runtime = runtime
 
     def routes(self, metrics_path: str, json_path: str, status_path: str) -> list[BaseRoute]:
         """Starlette routes for every endpoint whose path is set (an empty path turns one off)."""
@@ -109,6 +176,7 @@ class AdminEndpoints:
             route("/lb-health", self.live, "GET"),
             route("/lb-ready", self.ready, "GET"),
             route("/lb-admin/backends/{action}", self.backend_action, "POST"),
+            route("/lb-admin/backends", self.backends, "GET", "POST", "DELETE", "PATCH"),
         ]
 
     async def prometheus(self, request: Request) -> Response:
@@ -130,8 +198,9 @@ class AdminEndpoints:
 
     async def backend_action(self, request: Request) -> Response:
         """POST /lb-admin/backends/{drain,undrain,eject,uneject}?url=...: in every pool holding it."""
-        if not self.guard.may_write(request):
-            return FORBIDDEN
+        refused = self.guard.refuse_write(request)
+        if refused is not None:
+            return refused
         action = ACTIONS.get(request.path_params["action"])
         if action is None:
             return json_response({"error": f"unknown action, expected one of {', '.join(ACTIONS)}"}, 404)
@@ -139,12 +208,54 @@ class AdminEndpoints:
         found = self.clusters.find(url)
         if not found:
             return json_response({"error": "no such backend", "url": url}, 404)
+        leaving = [b for _, b in found if b in self.runtime.removing]
+        if leaving and request.path_params["action"] == "undrain":
+            error = "being removed (DELETE); POST it to /lb-admin/backends to keep it"
+            return json_response({"error": error, "url": leaving[0].url}, 409)
         for pool, backend in found:
-            refused = action(pool, backend)
-            if refused:
-                return json_response({"error": refused, "url": backend.url}, 409)
+            failed = action(pool, backend)
+            if failed:
+                return json_response({"error": failed, "url": backend.url}, 409)
+        self.runtime.changed()
         backend = found[0][1]
         return json_response({"url": backend.url, "state": backend.state, "in_flight": backend.in_flight})
+
+    async def backends(self, request: Request) -> Response:
+        """GET lists; POST adds; DELETE ?url= drains then removes; PATCH ?url= re-weights."""
+        if request.method == "GET":
+            if not self.guard.may_read(request):
+                return FORBIDDEN
+            document = {"backends": self.runtime.backends(), "worker": os.getpid()}
+            return json_response(document, headers=NO_STORE)
+        refused = self.guard.refuse_write(request)
+        if refused is not None:
+            return refused
+        runtime, query = self.runtime, request.query_params
+        try:
+            if request.method == "POST":
+                body = await read_object(request)
+                unknown = sorted(set(body) - {"url", "weight", "route"})
+                if unknown:
+                    raise ChangeError(400, f"unknown field {unknown[0]!r} (expected url, weight, route)")
+                cluster, backend = runtime.add(body.get("url"), body.get("weight", 1), body.get("route"))
+                runtime.changed()
+                return json_response(describe(cluster, backend), 201)
+            found = runtime.found(query.get("url"), query.get("route"))
+            if request.method == "DELETE":
+                for cluster, backend in found:
+                    runtime.remove(cluster, backend)
+                runtime.changed()
+                return json_response({"backends": [describe(c, b) for c, b in found]}, 202)
+            body = await read_object(request)
+            if set(body) != {"weight"}:
+                raise ChangeError(400, 'expected {"weight": N}')
+            weight = check_weight(body["weight"])
+            for cluster, backend in found:
+                runtime.set_weight(cluster, backend, weight)
+            runtime.changed()
+            return json_response({"backends": [describe(c, b) for c, b in found]})
+        except ChangeError as error:
+            return refusal(error)
 
     async def live(self, request: Request) -> Response:
         return json_response({"status": "ok"})

@@ -18,17 +18,21 @@ from starlette.routing import Route, WebSocketRoute
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
+from .discovery import Discovery
 from .frontdoor import FrontDoor
 from .headers import TrustedProxies
 from .health import HealthChecker
+from .layout import SharedLayout, digest, from_clusters
 from .limitstores import create_store
 from .metrics import Stats
 from .multiproc import multiproc_dir
 from .observe import AccessLog
 from .proxy import Proxy
 from .ratelimit import attach_limiters
+from .reload import Reloader, listen_for_sighup, watch_config
 from .retry import RetryBudget, RetryPolicy
-from .settings import Settings, load_settings
+from .runtime import Runtime
+from .settings import BackendSpec, Settings, load_settings
 from .upstream import Upstream
 from .views import Metrics
 from .wsmetrics import WebSocketStats
@@ -54,7 +58,8 @@ def sticky_secret(settings: Settings) -> bytes:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the load balancer; `settings` defaults to the environment, settings.env and LB_CONFIG."""
     settings = settings or load_settings()
-    clusters = build_clusters(settings, sticky_secret(settings))
+    secret = sticky_secret(settings)
+    clusters = build_clusters(settings, secret)
     limit_store = attach_limiters(settings, clusters, lambda: create_store(settings, multiproc_dir()))
     stats = Stats()
     upstream = Upstream(
@@ -96,10 +101,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ws_stats = WebSocketStats()
     stats.sources.append(ws_stats.families)
     websocket = WebSocketProxy(proxy, WebSocketConfig.from_settings(settings), ws_stats)
-    metrics = Metrics(stats, clusters, multiproc_dir())
-    admin = AdminEndpoints(
-        clusters, metrics, upstream, AdminGuard(settings.admin_allow, settings.admin_write_allow)
-    )
+    directory = multiproc_dir()
+    metrics = Metrics(stats, clusters, directory)
+    runtime = Runtime(clusters, health, stats, settings.drain_timeout)
+    guard = AdminGuard(settings.admin_allow, settings.admin_write_allow, settings.admin_token)
+    admin = AdminEndpoints(clusters, metrics, upstream, guard, runtime)
+    reloader = Reloader(runtime, settings, secret)
+    stats.sources.append(reloader.families)
+    discovery = reloader.discovery = Discovery(runtime, settings.dns_interval)
+    for cluster in clusters:
+        discovery.set_specs(
+            cluster.prefix, [(b.url, b.weight) for b in specs_of(settings, cluster.prefix) if b.discovery]
+        )
+    watched = settings.config.resolve() if settings.config_watch and settings.config else None
+    shared = SharedLayout(directory, digest(settings), reloader.apply) if directory else None
+    if shared is not None:  # several workers: a change made in one reaches the others
+        reloader.shared = shared
+        runtime.on_change = lambda: shared.publish(
+            from_clusters(clusters, runtime.removing.__contains__, discovery)
+        )
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""
@@ -112,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop_listening = listen_for_sighup(reloader)  # first: SIGHUP's default would end the process
         upstream.start()
         if proxy.access_log is not None:
             proxy.access_log.start()  # the entry point has configured logging by now
@@ -119,16 +140,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tasks = [
             asyncio.create_task(health.run(), name="lbapp-health"),
             asyncio.create_task(tick(), name="lbapp-metrics"),
+            asyncio.create_task(discovery.run(), name="lbapp-discovery"),
         ]
+        if shared is not None:
+            others = metrics.store is not None and metrics.store.others_running
+            shared.start(from_clusters(clusters, runtime.removing.__contains__, discovery), others)
+            tasks.append(asyncio.create_task(shared.follow(), name="lbapp-layout"))
+        stop_watching = asyncio.Event()
+        if watched is not None:
+            tasks.append(
+                asyncio.create_task(watch_config(watched, reloader, stop_watching), name="lbapp-watch")
+            )
         log_clusters(clusters)
         try:
             yield
         finally:
+            stop_listening()
+            stop_watching.set()
             for running in tasks:
                 running.cancel()
             for running in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
+            await runtime.aclose()
             await upstream.aclose()
             if limit_store is not None:
                 await limit_store.aclose()
@@ -148,7 +182,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.health = health
+    app.state.runtime = runtime
+    app.state.reloader = reloader
+    app.state.discovery = discovery
     return app
+
+
+def specs_of(settings: Settings, prefix: str) -> list[BackendSpec]:
+    if prefix == "/":
+        return list(settings.backends)
+    return next((list(r.backends) for r in settings.routes if r.prefix == prefix), [])
 
 
 def log_clusters(clusters: Clusters) -> None:

@@ -59,6 +59,9 @@ class WeightedRoundRobin:
         current[best] -= total
         return best
 
+    def forget(self, backend: Backend) -> None:
+        self._current.pop(backend, None)
+
 
 class Random:
     """Uniform random choice, or weighted by `weight` when the weights differ."""
@@ -179,6 +182,9 @@ class LeastTime:
             return
         weight = math.exp(-max(now - measured[1], 0.0) / self.decay)
         self._cost[backend] = (measured[0] * weight + seconds * (1.0 - weight), now)
+
+    def forget(self, backend: Backend) -> None:
+        self._cost.pop(backend, None)
 
 
 class PolicyOptions:

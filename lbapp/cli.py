@@ -32,6 +32,7 @@ from uvicorn.supervisors import Multiprocess
 from . import __version__
 from .application import create_app
 from .logs import configure_logging
+from .reload import forward_sighup
 from .server import HardenedHttpToolsProtocol, HeadLimits, ServerConfig
 from .settings import Settings, SettingsError, load_settings
 from .wsserver import GracefulWebSocketProtocol
@@ -116,6 +117,14 @@ def server_config(settings: Settings, args: argparse.Namespace, app: Any) -> Ser
     )
 
 
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of several workers; SIGHUP makes each worker reload its configuration
+    in place (reload.py), where uvicorn's would replace them all and lose their state."""
+
+    def handle_hup(self) -> None:
+        forward_sighup(self.processes)
+
+
 class Server(uvicorn.Server):
     """uvicorn's Server, removing its `--uds` socket file once shut down: uvicorn re-raises the
     SIGTERM it caught right after, which ends the process before any code after `run()`."""
@@ -146,7 +155,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     try:
         config = server_config(settings, args, "lbapp.cli:worker_app")
         with contextlib.suppress(KeyboardInterrupt):
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Supervisor(config, sockets=[config.bind_socket()]).run()
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)

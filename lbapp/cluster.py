@@ -27,10 +27,18 @@ Send = Any
 class Cluster:
     """One route: its prefix, its pool, its policy (with the policy's optional hooks looked up once)."""
 
-    __slots__ = ("balancer", "limiter", "observe", "pool", "prefix", "raw_prefix", "response_headers",
-                 "standby", "strip_prefix")  # fmt: skip
+    __slots__ = ("algorithm", "balancer", "limiter", "observe", "pool", "prefix", "raw_prefix",
+                 "response_headers", "standby", "strip_prefix")  # fmt: skip
 
-    def __init__(self, pool: Pool, balancer: Balancer, prefix: str = "/", strip_prefix: bool = False) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        balancer: Balancer,
+        prefix: str = "/",
+        strip_prefix: bool = False,
+        algorithm: str = "",
+    ) -> None:
+        self.algorithm = algorithm  # the policy's name, as configured (a reload compares it)
         self.prefix = prefix
         self.raw_prefix = prefix.encode("ascii")
         self.pool = pool
@@ -87,6 +95,13 @@ class Cluster:
             self.observe(backend, seconds, False)
         self.pool.record_failure(backend, reason)
 
+    def forget(self, backend: Backend) -> None:
+        """`backend` left the pool or changed weight: a policy keeping state per backend (hash
+        ring, smooth weights, sticky cookies, EWMA) drops it through its optional `forget` hook."""
+        hook = getattr(self.balancer, "forget", None)
+        if hook is not None:
+            hook(backend)
+
     def with_policy_headers(self, send: Send, backend: Backend, request: RequestInfo) -> Send:
         """`send`, adding the policy's response headers (e.g. sticky's Set-Cookie), if it has any."""
         extra = self.response_headers(backend, request) if self.response_headers is not None else None
@@ -119,9 +134,17 @@ class Clusters:
     """Every cluster, the default (`/`) first; `route` is the routes table, longest prefix first."""
 
     def __init__(self, default: Cluster, routes: Sequence[Cluster] = ()) -> None:
+        self.replace(default, routes)
+
+    def replace(self, default: Cluster, routes: Sequence[Cluster] = ()) -> None:
+        """Swap the whole table at once (a reload): one synchronous step on the event loop."""
         self.default = default
         self.routes = sorted(routes, key=lambda cluster: len(cluster.prefix), reverse=True)
         self.all = [default, *routes]
+
+    def get(self, prefix: str) -> Cluster | None:
+        """The cluster of a route prefix ("/": the default one)."""
+        return next((c for c in self.all if c.prefix == prefix), None)
 
     def __iter__(self) -> Iterator[Cluster]:
         return iter(self.all)
@@ -138,35 +161,49 @@ class Clusters:
         return [(c.pool, b) for c in self.all if (b := c.pool.find(url)) is not None]
 
 
+def build_cluster(
+    settings: Settings,
+    sticky_secret: bytes,
+    prefix: str = "/",
+    specs: Sequence[BackendSpec] | None = None,
+    algorithm: str | None = None,
+    strip: bool = False,
+) -> Cluster:
+    """One cluster as configured: its pool (with the settings' health and outlier rules) and policy."""
+    # Every sticky cookie has `Path=/`, so each route's gets its own name (suffixed by a hash
+    # of the prefix, stable across restarts) lest it overwrite the default pool's.
+    cookie = settings.sticky_cookie
+    if prefix != "/":
+        cookie += "-" + hashlib.blake2b(prefix.encode(), digest_size=3).hexdigest()
+    options = PolicyOptions(settings.hash_key, cookie, sticky_secret)
+    specs = settings.backends if specs is None else specs
+    pool = Pool(
+        [spec for spec in specs if spec.discovery is None],  # discovery.py adds the others
+        route=prefix,
+        healthy_threshold=settings.healthy_threshold,
+        unhealthy_threshold=settings.unhealthy_threshold,
+        outlier_failures=settings.outlier_consecutive_failures,
+        outlier_statuses=settings.outlier_statuses,
+        ejection_time=settings.outlier_ejection_time,
+        max_ejection_time=settings.outlier_max_ejection_time,
+        max_ejection_percent=settings.outlier_max_ejection_percent,
+        slow_start=settings.slow_start,
+        panic_threshold=settings.panic_threshold,
+        max_conns=settings.backend_max_conns,
+        queue_size=settings.queue_size,
+        queue_timeout=settings.queue_timeout,
+    )
+    algorithm = algorithm or settings.algorithm
+    return Cluster(pool, create_balancer(algorithm, options), prefix, strip, algorithm)
+
+
+def build_route(settings: Settings, sticky_secret: bytes, spec: RouteSpec) -> Cluster:
+    return build_cluster(
+        settings, sticky_secret, spec.prefix, spec.backends, spec.algorithm, spec.strip_prefix
+    )
+
+
 def build_clusters(settings: Settings, sticky_secret: bytes) -> Clusters:
     """The default cluster from `LB_BACKENDS` and one per `LB_ROUTES` entry, as configured."""
-
-    def cluster(prefix: str, specs: Sequence[BackendSpec], algorithm: str, strip: bool = False) -> Cluster:
-        # Every sticky cookie has `Path=/`, so each route's gets its own name (suffixed by a hash
-        # of the prefix, stable across restarts) lest it overwrite the default pool's.
-        cookie = settings.sticky_cookie
-        if prefix != "/":
-            cookie += "-" + hashlib.blake2b(prefix.encode(), digest_size=3).hexdigest()
-        options = PolicyOptions(settings.hash_key, cookie, sticky_secret)
-        pool = Pool(
-            specs,
-            route=prefix,
-            healthy_threshold=settings.healthy_threshold,
-            unhealthy_threshold=settings.unhealthy_threshold,
-            outlier_failures=settings.outlier_consecutive_failures,
-            outlier_statuses=settings.outlier_statuses,
-            ejection_time=settings.outlier_ejection_time,
-            max_ejection_time=settings.outlier_max_ejection_time,
-            max_ejection_percent=settings.outlier_max_ejection_percent,
-            slow_start=settings.slow_start,
-            panic_threshold=settings.panic_threshold,
-            max_conns=settings.backend_max_conns,
-            queue_size=settings.queue_size,
-            queue_timeout=settings.queue_timeout,
-        )
-        return Cluster(pool, create_balancer(algorithm, options), prefix, strip)
-
-    def route(spec: RouteSpec) -> Cluster:
-        return cluster(spec.prefix, spec.backends, spec.algorithm or settings.algorithm, spec.strip_prefix)
-
-    return Clusters(cluster("/", settings.backends, settings.algorithm), [route(s) for s in settings.routes])
+    routes = [build_route(settings, sticky_secret, spec) for spec in settings.routes]
+    return Clusters(build_cluster(settings, sticky_secret), routes)

@@ -110,6 +110,11 @@ class ConsistentHash:
             key = request.client_ip.encode()
         return self._ring.lookup(key, backends)
 
+    def forget(self, backend: Backend) -> None:
+        # A ring rebuilt from the backends seen from now on gives every key the owner it had
+        # among them (the lookup skips absent points either way); a weight change re-places it.
+        self._ring = HashRing()
+
 
 class IpHash(ConsistentHash):
     """The client address (after trusted-proxy resolution) hashed to a backend, consistently."""
@@ -154,6 +159,14 @@ class Sticky:
                 request.note = value
                 return named
         return self._fallback.pick(backends, request)
+
+    def forget(self, backend: Backend) -> None:
+        value = self._values.pop(backend, None)
+        if value is not None:
+            self._by_ident.pop(value.partition(".")[0], None)
+        hook = getattr(self._fallback, "forget", None)
+        if hook is not None:
+            hook(backend)
 
     def response_headers(self, backend: Backend, request: RequestInfo) -> Headers | None:
         value = self.value(backend)

@@ -58,6 +58,15 @@ class HealthChecker:
         self.client: httpx.AsyncClient | None = None
         self.rounds = 0
         self.due: dict[Backend, float] = {}  # loop time of each backend's next check
+        self._wake: asyncio.Event | None = None
+
+    def wake(self) -> None:
+        """A backend was added: check it now rather than at the next due time."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def forget(self, backend: Backend) -> None:
+        self.due.pop(backend, None)
 
     async def probe_http(self, backend: Backend) -> tuple[bool, str]:
         assert self.client is not None
@@ -130,6 +139,7 @@ class HealthChecker:
             limits=httpx.Limits(max_keepalive_connections=0),
         ) as client:
             self.client = client
+            self._wake = wake = asyncio.Event()
             while True:
                 try:
                     await self.run_once()
@@ -137,4 +147,7 @@ class HealthChecker:
                     logger.exception("health check round failed; next round in %.1fs", self.interval)
                     await asyncio.sleep(self.interval)
                     continue
-                await asyncio.sleep(self.pause())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.pause()):
+                        await wake.wait()
+                wake.clear()

@@ -41,7 +41,6 @@ NO_BACKEND = "none"  # the `route` and `backend` labels of requests answered wit
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 BUDGET_EXHAUSTED = "budget_exhausted"  # lb_retries_total reason: a retry the budget refused
 RETRY_REASONS = (*ERROR_KINDS, BUDGET_EXHAUSTED)
-RELOAD_RESULTS = ("success", "failure")
 LB_ERROR_CODES = (502, 503, 504)
 WINDOW = 60.0  # seconds of history behind the status page's rates and quantiles
 
@@ -92,7 +91,6 @@ class Stats:
         "answered",
         "bytes_in",
         "bytes_out",
-        "config_reloads",
         "durations",
         "in_flight",
         "lb_errors",
@@ -118,7 +116,6 @@ class Stats:
         self.bytes_in: dict[tuple[str, str], int] = {}
         self.bytes_out: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}  # (route, backend, kind)
-        self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)  # no reload yet, same reason
 
     def begin(self) -> None:
         self.requests += 1
@@ -269,8 +266,6 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
         Family("lb_rate_limited", "Requests refused by rate limiting, by route.", "counter", ("route",),
                samples={(c.prefix,): c.limiter.refused for c in clusters if c.limiter} or {("/",): 0}),
         Family("lb_rate_limit_errors", "Rate-limit store failures.", "counter", samples={(): rl_errors}),
-        Family("lb_config_reloads", "Configuration reloads by result.", "counter", ("result",),
-               samples={(r,): v for r, v in stats.config_reloads.items()}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
         *(f for source in stats.sources for f in source(labels)),

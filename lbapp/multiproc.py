@@ -42,9 +42,11 @@ class MultiprocessStore:
         self.value_class = MultiProcessValue(lambda: self.pid)  # type: ignore[no-untyped-call]
         self.values: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.collector = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        self.others_running = False  # other live workers when this one registered (`prepare`)
 
     def prepare(self) -> None:
-        """Wipe the directory if no other live lbapp worker uses it (first start), then register."""
+        """Wipe the directory if no other live lbapp worker uses it (first start), then register;
+        `others_running` says which it was."""
         os.makedirs(self.path, exist_ok=True)
         with open(os.path.join(self.path, ".lbapp.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -55,6 +57,7 @@ class MultiprocessStore:
             except (OSError, ValueError, TypeError):
                 pids = []
             alive = [p for p in pids if p != self.pid and _alive(p)]
+            self.others_running = bool(alive)
             if not alive:
                 removed = 0
                 for name in glob.glob(os.path.join(self.path, "*.db")):

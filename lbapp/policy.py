@@ -8,6 +8,8 @@ answer; the cluster looks them up once, so a policy without them costs nothing:
 - `observe(backend, seconds, ok)`: an attempt on `backend` ended after `seconds` (time to the
   response head), `ok` False when it failed without an answer.
 - `response_headers(backend, request)`: headers to add to the client's response, or None.
+- `forget(backend)`: `backend` left the pool or its weight changed (admin API, reload, DNS):
+  drop whatever the policy keeps for it.
 
 A policy with `standby = True` also sees healthy backends of weight 0 (only `first` does).
 """

@@ -272,6 +272,26 @@ class Pool:
             backend.ramp_until = 0.0
         self.refresh()
 
+    # --- membership (the admin API, reloads) -------------------------------------------------
+    def add(self, url: str, weight: int) -> Backend:
+        """A new backend, out of rotation until its first passing health check (Envoy's rule
+        for new hosts; after a failed one the usual rise threshold applies)."""
+        index = max((b.index for b in self.backends), default=-1) + 1
+        backend = Backend(url, weight, index, self.route, self.clock)
+        backend.check_ok, backend.state = False, UNHEALTHY
+        backend.consecutive_successes = self.healthy_threshold - 1
+        self.backends.append(backend)
+        logger.info("backend %s added to route %s, joins once a check passes", url, self.route)
+        self.refresh()
+        return backend
+
+    def remove(self, backend: Backend) -> None:
+        """Take `backend` out of the pool for good (the caller drained it first)."""
+        if backend in self.backends:
+            self.backends.remove(backend)
+            logger.info("backend %s removed from route %s", backend.url, self.route)
+            self.refresh()
+
     def find(self, url: str) -> Backend | None:
         url = url.strip().rstrip("/")
         return next((b for b in self.backends if b.url == url), None)

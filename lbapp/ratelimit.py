@@ -280,3 +280,17 @@ def attach_limiters(settings: Any, clusters: Any, create_store: Callable[[], Sto
         if limit is not None:
             cluster.limiter = RateLimiter(cluster.prefix, limit, key, store)
     return store
+
+
+def carry_limiters(old: Any, new: Any, settings: Any) -> None:
+    """After a configuration reload: each route keeps its limiter (and its buckets); a route new
+    to the table gets the top-level limit. Rate-limit values are read at start-up only."""
+    limiters = {c.prefix: c.limiter for c in old if c.limiter is not None}
+    if not limiters:
+        return
+    any_limiter = next(iter(limiters.values()))
+    limit = route_limit(settings)
+    for cluster in new:
+        cluster.limiter = limiters.get(cluster.prefix)
+        if cluster.limiter is None and cluster.prefix not in {c.prefix for c in old} and limit is not None:
+            cluster.limiter = RateLimiter(cluster.prefix, limit, any_limiter.key, any_limiter.store)

@@ -44,6 +44,7 @@ from .config import (
 )
 from .limitsettings import RateLimitSettings, RouteRateLimit
 from .server_settings import ServerSettings
+from .settings_admin import AdminSettings
 from .websocket_settings import WebSocketSettings
 
 __all__ = ["BackendSpec", "RouteSpec", "Settings", "SettingsError", "load_settings"]
@@ -65,12 +66,14 @@ Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class BackendSpec(BaseModel):
-    """One backend as configured: a base URL and a weight (0 = never picked)."""
+    """One backend as configured: a base URL and a weight (0 = never picked); with `"discovery":
+    "dns"`, one backend per A/AAAA record of the URL's host (discovery.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str
     weight: int = Field(default=1, ge=0, le=1_000_000)
+    discovery: Literal["dns"] | None = None
 
     @field_validator("url")
     @classmethod
@@ -110,7 +113,7 @@ class RouteSpec(RouteRateLimit):
         return value
 
 
-class Settings(ServerSettings, WebSocketSettings, RateLimitSettings):  # fields: their modules
+class Settings(ServerSettings, WebSocketSettings, AdminSettings, RateLimitSettings):  # their modules
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(
@@ -178,8 +181,6 @@ class Settings(ServerSettings, WebSocketSettings, RateLimitSettings):  # fields:
     metrics_path: str = "/metrics"
     json_metrics_path: str = "/lb-metrics"
     status_path: str = "/lb-status"
-    admin_allow: NetworkList = Field(default_factory=list)
-    admin_write_allow: NetworkList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     metrics_flush_interval: Seconds = 1.0
 
     hash_key: Annotated[str, AfterValidator(check_hash_key)] = "ip"
@@ -286,8 +287,6 @@ class Settings(ServerSettings, WebSocketSettings, RateLimitSettings):  # fields:
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config = config_file_source(settings_cls, env_settings, dotenv_settings)
         return (init_settings, FileOnlySource(env_settings), FileOnlySource(dotenv_settings), config)
-
-    # --- rate limiting: the LB_RATE_LIMIT* fields are RateLimitSettings' (limitsettings.py) ---
 
 
 def load_settings(**overrides: Any) -> Settings:

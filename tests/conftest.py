@@ -30,10 +30,10 @@ from lbapp.pool import Pool
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def listening_socket(port: int = 0) -> socket.socket:
+def listening_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(512)
     sock.set_inheritable(True)
     return sock
@@ -59,19 +59,21 @@ def _answers(url: str) -> bool:
 
 
 class EchoBackend:
-    """`python -m lbapp.echo` in a subprocess, on a port of its own that survives restarts."""
+    """`python -m lbapp.echo` in a subprocess, on a port of its own that survives restarts
+    (on 127.0.0.1, or another loopback address and a given port: DNS discovery's tests)."""
 
-    def __init__(self, name: str, *args: str) -> None:
+    def __init__(self, name: str, *args: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         self.args = args
-        self.sock = listening_socket()
+        self.host = host
+        self.sock = listening_socket(port, host)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str, wait: bool = True) -> EchoBackend:
         if self.sock.fileno() == -1:
-            self.sock = listening_socket(self.port)
+            self.sock = listening_socket(self.port, self.host)
         fd = self.sock.fileno()
         cmd = [sys.executable, "-m", "lbapp.echo", "--fd", str(fd), "--name", self.name, *self.args, *extra]
         self.proc = subprocess.Popen(cmd, pass_fds=[fd], cwd=ROOT, stdout=subprocess.PIPE)

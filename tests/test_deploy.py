@@ -45,7 +45,7 @@ GRAFANA_DIR = ROOT_DIR / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "lbapp.json"
 DOCKERFILE = ROOT_DIR / "Dockerfile"
 
-ECHO_SERVICES = ("echo1", "echo2", "echo3")
+ECHO_SERVICES = ("echo",)  # one service, scaled: lbapp finds its replicas through DNS
 # Series Prometheus makes itself for every target: not lbapp's to export.
 PROMETHEUS_SERIES = frozenset({"up"})
 # Grafana's interval variables, as the dashboard's expressions are sent to Prometheus here.
@@ -212,20 +212,21 @@ def test_compose_lb_settings_are_lbapp_settings(
     for key, value in environment.items():
         monkeypatch.setenv(key, "" if value is None else str(value))
     settings = load_settings()
-    # LB_BACKENDS points at the three echo services, each on the port its command listens on.
-    backends = {(urlsplit(b.url).hostname, urlsplit(b.url).port) for b in settings.backends}
-    echoes = set()
-    for name in ECHO_SERVICES:
-        command = services[name]["command"]
-        command = shlex.split(command) if isinstance(command, str) else command
-        assert command[:3] == ["python", "-m", "lbapp.echo"], command
-        options = dict(zip(command[3::2], command[4::2], strict=True))
-        assert options["--host"] == "0.0.0.0", f"{name} must listen beyond its loopback"
-        port = int(options["--port"])
-        assert [str(port)] == [str(p) for p in services[name]["expose"]]
-        assert f":{port}/health" in " ".join(services[name]["healthcheck"]["test"])
-        echoes.add((name, port))
-    assert backends == echoes == {("echo1", 3001), ("echo2", 3002), ("echo3", 3003)}
+    # LB_BACKENDS discovers the echo service's replicas by DNS, on the port its command listens on.
+    backends = {(urlsplit(b.url).hostname, urlsplit(b.url).port, b.discovery) for b in settings.backends}
+    echo = services["echo"]
+    command = echo["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[:2] == ["sh", "-c"], command
+    words = shlex.split(command[2])
+    assert words[:4] == ["exec", "python", "-m", "lbapp.echo"], words
+    options = dict(zip(words[4::2], words[5::2], strict=True))
+    assert options["--host"] == "0.0.0.0", "echo must listen beyond its loopback"
+    port = int(options["--port"])
+    assert [str(port)] == [str(p) for p in echo["expose"]]
+    assert f":{port}/health" in " ".join(echo["healthcheck"]["test"])
+    assert int(echo["scale"]) >= 2
+    assert backends == {("echo", port, "dns")}
 
 
 def test_lb_env_file_mirrors_settings_example() -> None:
@@ -342,7 +343,7 @@ def lbapp_stack() -> Iterator[Stack]:
         for backend in backends:
             backend.start()
         env = read_env_file(LB_ENV_FILE)
-        env["LB_BACKENDS"] = ",".join(b.url for b in backends)  # the stack's echo1..3, here
+        env["LB_BACKENDS"] = ",".join(b.url for b in backends)  # the stack's echo replicas, here
         env["LB_HEALTH_INTERVAL"] = "0.2"  # health rounds within the test's time
         env["LB_ACCESS_LOG"] = "false"
         env["LB_HEALTH_PATH"] = "/health"  # as docker-compose.yml's environment sets it

@@ -399,3 +399,20 @@ def test_access_log_text_line_names_the_rate_limit_verdict() -> None:
 
     assert line("limited").endswith(" id=rid ratelimit=limited")
     assert line(None).endswith(" id=rid")
+
+
+def test_a_reload_keeps_each_routes_limiter_and_limits_new_routes() -> None:
+    from types import SimpleNamespace
+
+    from lbapp.ratelimit import carry_limiters
+
+    settings = Settings(backends=["http://127.0.0.1:1"], rate_limit="5/s")
+    store = LocalStore()
+    kept = RateLimiter("/", Limit.parse("5/s"), KeyFunction("ip"), store)
+    old = [SimpleNamespace(prefix="/", limiter=kept), SimpleNamespace(prefix="/off", limiter=None)]
+    new = [SimpleNamespace(prefix=p, limiter=None) for p in ("/", "/off", "/new")]
+    carry_limiters(old, new, settings)
+    assert new[0].limiter is kept  # same buckets, same counters
+    assert new[1].limiter is None  # a route without a limit stays without
+    added = new[2].limiter
+    assert added is not None and added.store is store and added.limit.burst == 5 and added.route == "/new"
