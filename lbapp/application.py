@@ -23,10 +23,12 @@ from .frontdoor import FrontDoor
 from .headers import TrustedProxies
 from .health import HealthChecker
 from .layout import SharedLayout, digest, from_clusters
+from .limitstores import create_store
 from .metrics import Stats
 from .multiproc import multiproc_dir
 from .observe import AccessLog
 from .proxy import Proxy
+from .ratelimit import attach_limiters
 from .reload import Reloader, listen_for_sighup, watch_config
 from .retry import RetryBudget, RetryPolicy
 from .runtime import Runtime
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     secret = sticky_secret(settings)
     clusters = build_clusters(settings, secret)
+    limit_store = attach_limiters(settings, clusters, lambda: create_store(settings, multiproc_dir()))
     stats = Stats()
     upstream = Upstream(
         transport=settings.transport,
@@ -165,6 +168,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     await running
             await runtime.aclose()
             await upstream.aclose()
+            if limit_store is not None:
+                await limit_store.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
     routes = [

@@ -18,6 +18,7 @@ from .backend import Backend
 from .balancers import PolicyOptions, create_balancer
 from .policy import Balancer, RequestInfo
 from .pool import Pool
+from .ratelimit import RateLimiter
 from .settings import BackendSpec, RouteSpec, Settings
 
 Send = Any
@@ -26,8 +27,8 @@ Send = Any
 class Cluster:
     """One route: its prefix, its pool, its policy (with the policy's optional hooks looked up once)."""
 
-    __slots__ = ("algorithm", "balancer", "observe", "pool", "prefix", "raw_prefix", "response_headers",
-                 "standby", "strip_prefix")  # fmt: skip
+    __slots__ = ("algorithm", "balancer", "limiter", "observe", "pool", "prefix", "raw_prefix",
+                 "response_headers", "standby", "strip_prefix")  # fmt: skip
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class Cluster:
         self.observe = getattr(balancer, "observe", None)
         self.response_headers = getattr(balancer, "response_headers", None)
         self.standby = bool(getattr(balancer, "standby", False))
+        self.limiter: RateLimiter | None = None  # the route's rate limit (ratelimit.attach_limiters)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.prefix} {len(self.pool.backends)} backends>"

@@ -22,7 +22,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # RFC 9110 token: header names and (RFC 6265) cookie names.
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-SECRET_FIELDS = {"sticky_secret", "admin_token"}
+SECRET_FIELDS = {"sticky_secret", "admin_token", "rate_limit_redis_url"}
 
 
 class SettingsError(Exception):

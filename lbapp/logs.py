@@ -27,6 +27,7 @@ ACCESS_FIELDS = (
     "total_ms",
     "bytes_in",
     "bytes_out",
+    "rate_limit",
 )
 
 
@@ -51,6 +52,7 @@ class TextFormatter(logging.Formatter):
             f'{rfc3339(record.created)} {a["client"] or "-"} "{a["method"]} {a["path"]}" {a["status"]}'
             f" backend={a['backend'] or '-'} attempts={a['attempts']} upstream={upstream}"
             f" total={a['total_ms']:.1f}ms in={a['bytes_in']} out={a['bytes_out']} id={a['request_id']}"
+            + (f" ratelimit={a['rate_limit']}" if a.get("rate_limit") else "")
         )
         if "ws_close_code" in a:  # a WebSocket session, logged when it closed
             line += (

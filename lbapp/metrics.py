@@ -94,7 +94,6 @@ class Stats:
         "durations",
         "in_flight",
         "lb_errors",
-        "rate_limited",
         "requests",
         "retries",
         "sources",
@@ -117,7 +116,6 @@ class Stats:
         self.bytes_in: dict[tuple[str, str], int] = {}
         self.bytes_out: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str, str], int] = {}  # (route, backend, kind)
-        self.rate_limited = 0  # no rate limiter yet: exported as 0 so dashboards need no change
 
     def begin(self) -> None:
         self.requests += 1
@@ -185,6 +183,7 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
     backends = [b for cluster in clusters for b in cluster.pool.backends]
     eligible = {b for cluster in clusters for b in cluster.pool.eligible}
     labels = [(b.route, b.url) for b in backends]
+    rl_errors = sum(c.limiter.errors for c in clusters if c.limiter is not None)
     by = ("route", "backend")
 
     def per_backend(name: str, doc: str, type_: str, values: Iterable[float], mode: str = "") -> Family:
@@ -264,8 +263,9 @@ def families(stats: Stats, clusters: Clusters) -> list[Family]:
         checks,
         per_backend("lb_outlier_ejections", "Backends ejected by passive outlier detection.", "counter",
                     (b.ejections for b in backends)),
-        Family("lb_rate_limited", "Client requests refused by rate limiting.", "counter",
-               samples={(): stats.rate_limited}),
+        Family("lb_rate_limited", "Requests refused by rate limiting, by route.", "counter", ("route",),
+               samples={(c.prefix,): c.limiter.refused for c in clusters if c.limiter} or {("/",): 0}),
+        Family("lb_rate_limit_errors", "Rate-limit store failures.", "counter", samples={(): rl_errors}),
         Family("lb_start_time_seconds", "Unix time the load balancer started.", "gauge", (), "min",
                {(): stats.started}),
         *(f for source in stats.sources for f in source(labels)),

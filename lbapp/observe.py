@@ -17,7 +17,7 @@ from .requestid import HEADER, ensure_request_id
 
 
 class Tap:
-    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "request_id")
+    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "rate_limit", "request_id")
 
     def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.request_id = ensure_request_id(scope)
@@ -26,6 +26,7 @@ class Tap:
         self.bytes_in = 0
         self.bytes_out = 0
         self.headers_at = 0.0  # perf_counter() when the response headers were sent, 0 before
+        self.rate_limit: str | None = None  # pass, limited or error; None: the route has no limit
 
     async def receive(self) -> Any:
         message = await self._receive()
@@ -87,6 +88,7 @@ class AccessLog:
             "total_ms": round((now - started) * 1000, 3),
             "bytes_in": tap.bytes_in,
             "bytes_out": tap.bytes_out,
+            "rate_limit": tap.rate_limit,
         }
         self.emit(fields)
 

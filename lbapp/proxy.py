@@ -104,13 +104,16 @@ class Proxy:
         try:
             limit = self.front_door.max_in_flight
             prepared = self.prepare(scope) if not limit or stats.in_flight <= limit else OVERLOADED
+            send = tap.send
+            if isinstance(prepared, Prepared) and prepared.cluster.limiter is not None:  # rate limit
+                prepared, send = await prepared.cluster.limiter.admit(prepared, tap)
             if isinstance(prepared, Prepared):
                 with Attempts(self.retry, self.budget) as attempts:
                     status = await self._handle(
-                        prepared, scope["method"], tap.receive, tap.send, exchange, attempts
+                        prepared, scope["method"], tap.receive, send, exchange, attempts
                     )
             else:  # refused before any backend was chosen
-                status = await self._answer(tap.send, prepared)
+                status = await self._answer(send, prepared)
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise

@@ -30,6 +30,7 @@ from .cluster import Cluster, build_cluster
 from .discovery import Discovery
 from .layout import Layout, Member, SharedLayout, digest, from_settings
 from .metrics import Family
+from .ratelimit import carry_limiters
 from .runtime import Runtime, drop_series
 from .settings import Settings, SettingsError, load_settings
 
@@ -116,6 +117,7 @@ class Reloader:
                         task.cancel()
                     drop_series(runtime.stats, backend)
                     runtime.health.forget(backend)
+        carry_limiters(clusters, kept, self.settings)
         clusters.replace(kept[0], kept[1:])
         for route in layout:
             names = [(m.url, m.weight) for m in route.members if m.discovery == "dns"]

@@ -42,6 +42,7 @@ from .config import (
     parse_statuses,
     split_backends,
 )
+from .limitsettings import RateLimitSettings, RouteRateLimit
 from .server_settings import ServerSettings
 from .settings_admin import AdminSettings
 from .websocket_settings import WebSocketSettings
@@ -92,7 +93,7 @@ class BackendSpec(BaseModel):
         return value.rstrip("/")
 
 
-class RouteSpec(BaseModel):
+class RouteSpec(RouteRateLimit):
     """One entry of the routes table: requests under `prefix` go to their own backends."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -112,7 +113,7 @@ class RouteSpec(BaseModel):
         return value
 
 
-class Settings(ServerSettings, WebSocketSettings, AdminSettings):  # fields of their own modules
+class Settings(ServerSettings, WebSocketSettings, AdminSettings, RateLimitSettings):  # their modules
     """The load balancer's configuration; field `x` is the variable `LB_X`."""
 
     model_config = SettingsConfigDict(

@@ -290,3 +290,60 @@ class LauncherProcess(LBProcess):
             stderr=stderr,
         )
         wait_until(lambda: self._up(), timeout=30)
+
+
+class RedisServer:
+    """A real `redis-server` on 127.0.0.1, persistence off; restartable on the same port."""
+
+    def __init__(self) -> None:
+        with contextlib.closing(listening_socket()) as sock:
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+        cmd += ["--enable-debug-command", "local"]  # DEBUG SLEEP: a slow Redis on demand
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self._pong, timeout=15)
+        return self
+
+    def _pong(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            error = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            raise AssertionError(f"redis-server exited with {self.proc.returncode}: {error}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for one test (which may kill and restart it on the same port)."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -29,9 +29,10 @@ NAMES = TOKEN.map(str.lower).filter(lambda n: n not in OWNED and n != "proxy" an
 VALUES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40).flatmap(
     lambda v: st.just(v) if len(v) < 2 else st.sampled_from([v, v[:1] + " " + v[1:]])
 )
-SEGMENT = st.text("abcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@", max_size=8) | st.sampled_from(
-    ["%2F", "%20", "%41", "%25"]
-)
+# Dot segments are left out: httpx (the test's client) removes them before sending.
+SEGMENT = st.text("abcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@", max_size=8).filter(
+    lambda s: s not in (".", "..")
+) | st.sampled_from(["%2F", "%20", "%41", "%25"])
 PATHS = st.lists(SEGMENT, max_size=5).map(lambda segments: "/p/" + "/".join(segments))
 # The methods the server's parser (llhttp) knows; it answers 400 to any other token by itself.
 METHODS = st.sampled_from(
