@@ -171,7 +171,6 @@ class Settings(ServerSettings, WebSocketSettings, AdminSettings, RateLimitSettin
     max_body_size: Bytes = 0
     max_in_flight: int = Field(default=0, ge=0)
     allow_trace: bool = False
-    # On SIGTERM, /lb-ready fails at once; new connections are still served this long (shutdown.py).
     shutdown_delay: SecondsOrZero = 0.0
 
     preserve_host: bool = True
