@@ -217,6 +217,7 @@ class AdminEndpoints:
         if action is None:
             return json_response({"error": f"unknown action, expected one of {', '.join(ACTIONS)}"}, 404)
         url = request.query_params.get("url", "")
+        self.runtime.sync()
         found = self.clusters.find(url)
         if not found:
             return json_response({"error": "no such backend", "url": url}, 404)
@@ -244,8 +245,9 @@ class AdminEndpoints:
             return refused
         runtime, query = self.runtime, request.query_params
         try:
+            body = await read_object(request) if request.method != "DELETE" else {}
+            runtime.sync()  # no await from here to the change's publication: nothing is lost
             if request.method == "POST":
-                body = await read_object(request)
                 unknown = sorted(set(body) - {"url", "weight", "route"})
                 if unknown:
                     raise ChangeError(400, f"unknown field {unknown[0]!r} (expected url, weight, route)")
@@ -258,7 +260,6 @@ class AdminEndpoints:
                     runtime.remove(cluster, backend)
                 runtime.changed()
                 return json_response({"backends": [describe(c, b) for c, b in found]}, 202)
-            body = await read_object(request)
             if set(body) != {"weight"}:
                 raise ChangeError(400, 'expected {"weight": N}')
             weight = check_weight(body["weight"])

@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         runtime.on_change = lambda: shared.publish(
             from_clusters(clusters, runtime.removing.__contains__, discovery)
         )
+        runtime.on_sync = shared.poll
 
     async def tick() -> None:
         """Flush to the multiprocess files and keep the status page's history, off the hot path."""

@@ -94,6 +94,12 @@ class Runtime:
         self.drain_timeout = drain_timeout
         self.removing: dict[Backend, asyncio.Task[None]] = {}
         self.on_change: Callable[[], None] | None = None  # tells the other workers (layout.py)
+        self.on_sync: Callable[[], None] | None = None  # takes their latest changes (layout.py)
+
+    def sync(self) -> None:
+        """Before a change: apply the other workers' latest one, so that it is built upon, not lost."""
+        if self.on_sync is not None:
+            self.on_sync()
 
     def changed(self) -> None:
         """A change was made here (admin API, reload): share it."""
