@@ -38,8 +38,6 @@ from .settings import Settings, SettingsError, load_settings
 from .wsserver import GracefulWebSocketProtocol
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# uvicorn's keep-alive timeout (its default): keep the backends' own idle timeouts above it.
-KEEP_ALIVE = 5
 
 
 def setup_logging(settings: Settings) -> None:
@@ -112,7 +110,7 @@ def server_config(settings: Settings, args: argparse.Namespace, app: Any) -> Ser
         date_header=False,
         proxy_headers=False,
         access_log=False,
-        timeout_keep_alive=KEEP_ALIVE,
+        timeout_keep_alive=settings.client_keepalive_timeout,
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout),
     )
 

@@ -27,6 +27,7 @@ class ServerSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=512)
     graceful_timeout: Seconds = 30.0
     client_header_timeout: Seconds = 10.0
+    client_keepalive_timeout: Seconds = 5.0  # uvicorn's default; nginx's is 75 s
     max_header_size: ByteSize = Field(default=ByteSize(32 * 1024), ge=1024, le=1024 * 1024)
     max_header_count: int = Field(default=100, ge=1, le=10_000)
 

@@ -215,3 +215,25 @@ def test_graceful_timeout_bounds_the_shutdown(tmp_path: Path) -> None:
     finally:
         lb.stop()
         backend.stop()
+
+
+def test_client_keepalive_timeout_closes_an_idle_connection() -> None:
+    """LB_CLIENT_KEEPALIVE_TIMEOUT reaches uvicorn: an idle keep-alive connection is closed."""
+    backend = EchoBackend("backend-1").start()
+    lb = LauncherProcess({"LB_BACKENDS": backend.url, "LB_CLIENT_KEEPALIVE_TIMEOUT": "0.3"})
+    try:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as sock:
+            # 4 s: well past the 0.3 s setting, and short of uvicorn's default of 5 s, so the
+            # setting (not the default) must have closed it.
+            sock.settimeout(4)
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while True:  # the answer, then EOF
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200 ") and received.count(b"HTTP/1.1") == 1
+    finally:
+        lb.stop()
+        backend.stop()
