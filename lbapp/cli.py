@@ -138,6 +138,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.workers == 1:
         setup_logging(settings)
         config = server_config(settings, args, create_app(settings))
+        # uvicorn's Config applied its logging config, which closes every handler there was,
+        # lbapp's log writer included: set lbapp's logging up again, over it.
+        setup_logging(settings)
         server = Server(config)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down, as `uvicorn` does
             server.run()

@@ -8,6 +8,7 @@ batch (text or JSON, `LB_LOG_FORMAT`) and writes it in one call. Access records 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import threading
@@ -31,9 +32,15 @@ ACCESS_FIELDS = (
 )
 
 
+@functools.lru_cache(maxsize=4)
+def utc_second(second: int) -> str:
+    """One second as `2026-04-03T10:00:00`: formatted once, however many lines share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def rfc3339(created: float) -> str:
     """UTC with milliseconds: 2026-04-03T10:00:00.123Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"{utc_second(int(created))}.{int(created % 1 * 1000):03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -103,6 +110,8 @@ class BatchingHandler(logging.Handler):
         self.thread.start()
 
     def handle(self, record: logging.LogRecord) -> bool:  # no lock: deque.append is atomic
+        if self.stopped:  # closed: nothing would ever write it; never let the queue grow
+            return False
         if not hasattr(record, "access") and record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None  # tracebacks hold frames: render them now, not later
@@ -189,6 +198,9 @@ def configure_logging(debug: bool = False, access_log: bool = True, log_format: 
     # httpx logs every request at INFO: far too costly and noisy for a proxy.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = find_batching_handler()
+    if handler is not None and handler.stopped:  # closed, e.g. by a later dictConfig: replace it
+        root.removeHandler(handler)
+        handler = None
     if handler is not None:
         handler.target.setFormatter(formatter_for(log_format))
         return

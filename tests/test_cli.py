@@ -237,3 +237,22 @@ def test_client_keepalive_timeout_closes_an_idle_connection() -> None:
     finally:
         lb.stop()
         backend.stop()
+
+
+def test_one_worker_writes_its_access_log(tmp_path: Path) -> None:
+    """uvicorn's logging config (applied when the launcher builds its Config) must not silence
+    lbapp's log writer: every proxied request gets its access line, and the start-up lines show."""
+    backend = EchoBackend("backend-1").start()
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        lb = LauncherProcess({"LB_BACKENDS": backend.url, "LB_ACCESS_LOG": "true"}, stderr=log)
+        try:
+            for i in range(5):
+                assert httpx.get(f"{lb.url}/logged/{i}", timeout=5).status_code == 200
+        finally:
+            lb.stop()
+            backend.stop()
+    text = log_path.read_text()
+    assert "route /: balancing 1 backends" in text, text
+    for i in range(5):
+        assert f'"GET /logged/{i}" 200' in text, text
