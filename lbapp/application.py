@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -177,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         stop_listening = listen_for_sighup(reloader)  # first: SIGHUP's default would end the process
         upstream.start()
         proxy.loop = asyncio.get_running_loop()
+        tune_gc()
         drain.install()  # SIGTERM: /lb-ready fails first, uvicorn stops accepting after the delay
         if proxy.access_log is not None:
             proxy.access_log.start()  # the entry point has configured logging by now
@@ -228,6 +230,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.reloader = reloader
     app.state.discovery = discovery
     return app
+
+
+# Objects allocated (net) between two young-generation collections; CPython's default is 700.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap on the hot path.
+
+    Profiled at full load, collections took ~9% of a worker's CPU: each request allocates a few
+    hundred container objects (almost none in cycles), so CPython's default of a young collection
+    every 700 allocations ran several times per request, and the older generations re-scanned
+    every object made at start-up. Those are frozen (never scanned again), and the young threshold
+    is raised: a young collection every ~20,000 allocations, which holds at most a few MB.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def specs_of(settings: Settings, prefix: str) -> list[BackendSpec]:
