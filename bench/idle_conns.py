@@ -21,7 +21,10 @@ import time
 
 
 async def open_one(
-    host: str, port: int, path: str, timeout: float
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,  # noqa: ASYNC109 - one bound for each of several awaits
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)

@@ -274,12 +274,14 @@ def report(bench: Any, started: str, elapsed: float) -> tuple[str, dict[str, Any
     w(f"# lbapp benchmark — {started}")
     w("")
     w(
-        f"- machine: {os.cpu_count()} vCPU ({cpu_model}), kernel {platform.release()}; run took {elapsed / 60:.1f} min"
+        f"- machine: {os.cpu_count()} vCPU ({cpu_model}), kernel {platform.release()}; "
+        f"run took {elapsed / 60:.1f} min"
     )
     w("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     w(
-        f"- load: `wrk -t{cfg.threads} -c{cfg.conns} -d{cfg.duration}s --latency --timeout {cfg.wrk_timeout}`, "
-        f"{cfg.warmup} s warm-up per point, {cfg.rounds} interleaved round(s), target order rotated each round"
+        f"- load: `wrk -t{cfg.threads} -c{cfg.conns} -d{cfg.duration}s --latency "
+        f"--timeout {cfg.wrk_timeout}`, {cfg.warmup} s warm-up per point, {cfg.rounds} interleaved "
+        "round(s), target order rotated each round"
         + (" (median shown, min-max in brackets)" if cfg.rounds > 1 else "")
     )
     w(f"- backends: {cfg.backend} x3 on 127.0.0.1:{','.join(map(str, bench.backend_ports))}")
@@ -318,7 +320,8 @@ def report(bench: Any, started: str, elapsed: float) -> tuple[str, dict[str, Any
     for s in cfg.scenarios:
         if s == "idle10k":
             w(
-                f"## idle10k — {cfg.idle_conns:,} idle keep-alive clients held, small-body wrk on other connections"
+                f"## idle10k — {cfg.idle_conns:,} idle keep-alive clients held, "
+                "small-body wrk on other connections"
             )
             w("")
             lines.extend(idle_table(bench, idle))
@@ -343,12 +346,14 @@ def report(bench: Any, started: str, elapsed: float) -> tuple[str, dict[str, Any
         a, b = agg.get(("lbapp-w2", s)), agg.get(("lbapp", s))
         c = agg.get(("lbapp-nolog", s))
         pairs.append(
-            f"| {s} | {_r(_div(a[key], b[key])) if a and b else '-'} | {_r(_div(b[key], c[key])) if b and c else '-'} "
+            f"| {s} | {_r(_div(a[key], b[key])) if a and b else '-'} "
+            f"| {_r(_div(b[key], c[key])) if b and c else '-'} "
             f"| {_r(_div(b['lb_us'], c['lb_us'])) if b and c and c['lb_us'] else '-'} |"
         )
     if pairs:
         w(
-            "| scenario | lbapp-w2 ÷ lbapp (throughput) | lbapp ÷ lbapp-nolog (throughput) | lbapp ÷ lbapp-nolog (CPU µs/req) |"
+            "| scenario | lbapp-w2 ÷ lbapp (throughput) | lbapp ÷ lbapp-nolog (throughput) "
+            "| lbapp ÷ lbapp-nolog (CPU µs/req) |"
         )
         w("|---|---:|---:|---:|")
         lines.extend(pairs)
@@ -367,8 +372,9 @@ def report(bench: Any, started: str, elapsed: float) -> tuple[str, dict[str, Any
     n_dist = sum(1 for a in agg.values() if a["disturbed"]) + sum(1 for i in idle.values() if i["disturbed"])
     if n_dist:
         w(
-            f"**⚠ {n_dist} rows were measured while other processes or the hypervisor took CPU: their req/s and "
-            "latencies are unreliable (LB CPU µs/req is the least affected column). Re-run on a quiet machine.**"
+            f"**⚠ {n_dist} rows were measured while other processes or the hypervisor took CPU: "
+            "their req/s and latencies are unreliable (LB CPU µs/req is the least affected column). "
+            "Re-run on a quiet machine.**"
         )
         w("")
     for n in bench.notes:

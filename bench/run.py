@@ -281,7 +281,8 @@ class Bench:
             log("WARNING: " + msg)
             self.notes.append(msg)
         log(
-            f"run dir {self.run_dir}; backends ({cfg.backend}) on {self.backend_ports}, LB port {self.lb_port}"
+            f"run dir {self.run_dir}; backends ({cfg.backend}) on {self.backend_ports}, "
+            f"LB port {self.lb_port}"
         )
 
     def lb_env(self, t: str, idle: bool = False) -> dict[str, str]:
@@ -569,7 +570,8 @@ class Bench:
                 log(f"  busiest other processes: {rec['other_top']}")
             if attempt < cfg.retries:
                 log(
-                    f"  disturbed (limits {cfg.other_max}% other CPU / {cfg.steal_max}% steal): measuring again"
+                    f"  disturbed (limits {cfg.other_max}% other CPU / {cfg.steal_max}% steal): "
+                    "measuring again"
                 )
         ok = [r for r in attempts if r["ok"]]
         if len(ok) > 1 and all(r["disturbed"] for r in ok):  # keep the least disturbed one
