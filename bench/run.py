@@ -251,6 +251,8 @@ class Bench:
         self.target: Group | None = None
         self.harness_pgid = os.getpgrp()
         self.order: list[list[str]] = []
+        self.served = 0
+        self.access_lines: list[dict[str, Any]] = []
 
     # ---- setup
     def setup(self) -> None:
@@ -371,6 +373,7 @@ class Bench:
         (tdir / "cmd.txt").write_text(" ".join(argv) + "\n")
         g = start_group(t, cpus, argv, tdir / "stdout.log", env=env)
         self.target = g
+        self.served = 0  # requests wrk completed through this instance (access-log check)
         deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
@@ -459,8 +462,32 @@ class Bench:
 
     def stop_target(self) -> None:
         if self.target is not None:
-            stop_group(self.target)
+            g = self.target
+            stop_group(g)
             self.target = None
+            if g.name in ("lbapp", "lbapp-w2") and self.served:
+                self.check_access_log(g)
+
+    def check_access_log(self, g: Group) -> None:
+        """`lbapp` is measured with its access log on: check it really wrote about one line per
+        request it served (text format: `... backend=... attempts=...`), once it has exited."""
+        if os.environ.get("LB_LOG_FORMAT", "text").strip().lower() == "json":
+            marker = '"logger": "lbapp.access"'
+        else:
+            marker = " attempts="
+        lines = 0
+        if g.logfile and g.logfile.exists():
+            with open(g.logfile, errors="replace") as f:
+                lines = sum(1 for line in f if marker in line)
+        self.access_lines.append({"target": g.name, "served": self.served, "lines": lines})
+        if lines < 0.9 * self.served:
+            msg = (
+                f"{g.name} ran with LB_ACCESS_LOG=true but its log ({g.logfile}) has {lines:,} access lines "
+                f"for the {self.served:,} requests wrk completed: the access log was not (fully) "
+                "written, so its cost is not (fully) in these numbers"
+            )
+            log("WARNING: " + msg)
+            self.notes.append(msg)
 
     # ---- measurement
     def run_wrk(self, port: int, scenario: str, duration: int, out: Path) -> str:
@@ -491,7 +518,9 @@ class Bench:
                 log("wrk did not finish in time; stopping it")
             finally:
                 stop_group(g, grace=2)
-        return out.read_text(errors="replace")
+        text = out.read_text(errors="replace")
+        self.served += parse_wrk(text).get("requests") or 0
+        return text
 
     def measure(
         self,
@@ -812,6 +841,7 @@ def main() -> int:
         "order": bench.order,
         "summary": summary,
         "idle": bench.idle,
+        "access_log_check": bench.access_lines,
         "records": bench.records,
         "failures": [{"target": t, "where": wh, "reason": why} for (t, wh), why in bench.failures.items()],
     }
