@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, request_response
+from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .answers import http_date
@@ -177,7 +177,7 @@ class AdminEndpoints:
         self.runtime = runtime
         self.drain = drain or Drain()
 
-    def routes(self, metrics_path: str, json_path: str, status_path: str) -> list[BaseRoute]:
+    def routes(self, metrics_path: str, json_path: str, status_path: str) -> list[Route]:
         """Starlette routes for every endpoint whose path is set (an empty path turns one off)."""
         views = ((metrics_path, self.prometheus), (json_path, self.lb_metrics), (status_path, self.status))
         return [

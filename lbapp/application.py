@@ -12,9 +12,11 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
@@ -54,6 +56,43 @@ def sticky_secret(settings: Settings) -> bytes:
             "a restart and are not shared between workers"
         )
     return secrets.token_bytes(32)
+
+
+class LoadBalancer(Starlette):
+    """The Starlette app, with one shortcut: a proxied HTTP request goes straight to the proxy.
+
+    Starlette would run it through two exception middlewares (each wrapping `send` once more) and
+    a regex match per admin route before the catch-all; profiled, that was ~8% of a proxied
+    request. Here one set lookup decides: a path of an admin or probe endpoint (or any request
+    that is not plain HTTP) takes the usual way through `Starlette.__call__`. The contract is kept:
+    `scope["app"]` is set, and an exception escaping the proxy reaches uvicorn, which logs it and
+    answers 500 as `ServerErrorMiddleware` would (the proxy answers its own errors itself).
+    """
+
+    def __init__(self, *, own: list[Route], proxy: Proxy, websocket: WebSocketProxy, lifespan: Any) -> None:
+        routes: list[BaseRoute] = [
+            *own,  # the admin and probe endpoints
+            Route(CATCH_ALL, proxy),
+            # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
+            WebSocketRoute(CATCH_ALL, websocket),
+        ]
+        super().__init__(routes=routes, lifespan=lifespan)
+        self.proxy = proxy
+        # What the routes before the catch-all match: exact paths, and `{action}` paths by prefix.
+        self.own_paths = frozenset(r.path for r in own if "{" not in r.path)
+        self.own_prefixes = tuple(r.path.split("{")[0] for r in own if "{" in r.path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path = scope["path"]
+            if path not in self.own_paths and not path.startswith(self.own_prefixes):
+                scope["app"] = self
+                await self.proxy(scope, receive, send)  # type: ignore[arg-type]
+                return
+        await super().__call__(scope, receive, send)
+
+
+CATCH_ALL = "/{path:path}"
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -137,6 +176,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop_listening = listen_for_sighup(reloader)  # first: SIGHUP's default would end the process
         upstream.start()
+        proxy.loop = asyncio.get_running_loop()
         drain.install()  # SIGTERM: /lb-ready fails first, uvicorn stops accepting after the delay
         if proxy.access_log is not None:
             proxy.access_log.start()  # the entry point has configured logging by now
@@ -169,17 +209,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     await running
             await runtime.aclose()
             await upstream.aclose()
+            proxy.loop = None
             if limit_store is not None:
                 await limit_store.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting
 
-    routes = [
-        *admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path),
-        Route("/{path:path}", proxy),
-        # After the HTTP catch-all, so HTTP requests never test it; it matches WebSocket only.
-        WebSocketRoute("/{path:path}", websocket),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    own = admin.routes(settings.metrics_path, settings.json_metrics_path, settings.status_path)
+    app = LoadBalancer(own=own, proxy=proxy, websocket=websocket, lifespan=lifespan)
     app.state.settings = settings
     app.state.clusters = clusters
     app.state.stats = stats

@@ -41,7 +41,7 @@ class OriginPool:
         """Return an idle connection, or None when the caller got a free slot and must connect."""
         idle = self.idle
         if idle:
-            deadline = asyncio.get_running_loop().time() - self.expiry
+            deadline = idle[-1].loop.time() - self.expiry  # not get_running_loop(): a getpid() each
             while idle:
                 conn = idle.pop()
                 if not conn.closed and conn.idle_since >= deadline:

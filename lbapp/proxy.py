@@ -92,13 +92,14 @@ class Proxy:
         self.preserve_host = preserve_host
         self.access_log = access_log
         self.front_door = front_door or FrontDoor()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the lifespan (see `Exchange`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         stats = self.stats
         stats.begin()
         tap = Tap(scope, receive, send)  # request id, byte counts, time to headers
-        exchange = Exchange()
+        exchange = Exchange(self.loop or asyncio.get_running_loop())
         status = 0
         attempts: Attempts | None = None
         try:

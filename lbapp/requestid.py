@@ -20,9 +20,29 @@ def is_sane(value: bytes) -> bool:
     return _SANE.fullmatch(value) is not None
 
 
-def generate() -> bytes:
-    """128 random bits as 32 hex characters (as a UUID4 without dashes, at a third of the cost)."""
-    return os.urandom(16).hex().encode("ascii")
+class IdSource:
+    """32 hex characters: 64 random bits drawn once per process, then a 64-bit counter.
+
+    Unique per process (and, by the random half, across processes and restarts) without a
+    getrandom() system call per request; an id is a log correlation key, not a secret.
+    """
+
+    __slots__ = ("count", "prefix")
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex().encode("ascii")
+        self.count = 0
+
+    def __call__(self) -> bytes:
+        self.count += 1
+        return b"%s%016x" % (self.prefix, self.count)
+
+
+generate = IdSource()
+os.register_at_fork(after_in_child=generate.reseed)  # a forked worker must not repeat its parent's ids
 
 
 def ensure_request_id(scope: dict[str, Any]) -> bytes:

@@ -31,10 +31,11 @@ from typing import Any
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.server import ServerState
 
 from .answers import http_date
+from .cycle import CoalescingProtocol
 from .server_settings import ServerSettings
 
 logger = logging.getLogger("lbapp.server")
@@ -71,7 +72,7 @@ class _Rejected(Exception):
     """Raised in a parser callback to stop httptools once the request has been answered."""
 
 
-class HardenedHttpToolsProtocol(HttpToolsProtocol):
+class HardenedHttpToolsProtocol(CoalescingProtocol):
     """HttpToolsProtocol with the head timeout (408) and the head size and count limits (431)."""
 
     # Slots, not instance-dict entries: uvicorn's protocol already holds ~28 attributes, and an

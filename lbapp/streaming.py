@@ -133,12 +133,15 @@ WATCH_AFTER = 0.1
 class Exchange:
     """Per-request bookkeeping: is the client still there, and is the response finished."""
 
-    __slots__ = ("client_gone", "done", "task", "timer", "watcher")
+    __slots__ = ("client_gone", "done", "loop", "task", "timer", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop is passed in: on Python 3.11 `get_running_loop()` (and `current_task()` without
+        # a loop) costs a getpid() system call each time.
+        self.loop = loop
         self.client_gone = False
         self.done = False
-        self.task = asyncio.current_task()
+        self.task = asyncio.current_task(loop)
         self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
@@ -149,11 +152,11 @@ class Exchange:
         handle costs far less than a task, and a client gone from a short exchange costs nothing.
         """
         if self.timer is None and not self.done:
-            self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watcher, receive)
+            self.timer = self.loop.call_later(WATCH_AFTER, self._start_watcher, receive)
 
     def _start_watcher(self, receive: Receive) -> None:
         if not self.done:
-            self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+            self.watcher = self.loop.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         message = await receive()

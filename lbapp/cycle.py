@@ -1,0 +1,188 @@
+"""The response side of the launcher's protocol: a response head goes out with its first body part.
+
+uvicorn's `RequestResponseCycle.send` writes the head of a response the moment the app sends
+`http.response.start`, and the body with the next message: two system calls (and two TCP segments)
+for every small response, where one does. `ResponseCycle` holds the encoded head until the first
+`http.response.body` message and writes both at once; so that a response whose body is slow to come
+(a backend that streams, or sends its head early) still shows its head at once, a `call_soon`
+flushes a head still held on the event loop's next turn. It also validates the header block with
+one regular expression instead of two per header, accepting exactly what uvicorn accepts.
+
+`CoalescingProtocol` is uvicorn's `HttpToolsProtocol` starting its cycles as `ResponseCycle`
+(`on_headers_complete` is uvicorn 0.55's, with only the class replaced). Everything else (flow
+control, keep-alive, pipelining, the 500 of a failing app) is uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.parse
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+# uvicorn's rules (HEADER_RE, HEADER_VALUE_RE), as one pattern for the whole header block.
+_BLOCK = re.compile(rb'(?:[^\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*')
+# A body part at most this big is copied behind the head (one write); a bigger one goes in its own.
+COPY_LIMIT = 64 * 1024
+
+
+class ResponseCycle(RequestResponseCycle):
+    """uvicorn's cycle, holding the response head until the first body part (module docstring)."""
+
+    held: bytes | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, **options: Any) -> None:
+        super().__init__(**options)
+        self.loop = loop
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status = message["status"]
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    get_path_with_query_string(self.scope),
+                    self.scope["http_version"],
+                    status,
+                )
+            self.held = self.encode_head(status, message.get("headers", ()))
+            self.loop.call_soon(self.flush)
+            return
+        if self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+        if kind != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+        body: bytes = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            data = b""
+        elif self.chunked_encoding:
+            data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more_body:
+                data += b"0\r\n\r\n"
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            data = body
+        head = self.held
+        if head is not None:
+            self.held = None
+            if len(data) <= COPY_LIMIT:
+                data = head + data
+            else:
+                self.transport.write(head)
+        if data:
+            self.transport.write(data)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+    def flush(self) -> None:
+        """The event loop's next turn: a head still held goes out alone."""
+        head = self.held
+        if head is not None:
+            self.held = None
+            if not self.disconnected:
+                self.transport.write(head)
+
+    def encode_head(self, status: int, raw: Any) -> bytes:
+        """uvicorn's head encoding: framing read from the headers, `connection: close` and
+        `transfer-encoding: chunked` added as needed."""
+        headers = [*self.default_headers, *raw] if self.default_headers else raw
+        content: list[bytes] = []
+        has_connection_close = False
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+                self.keep_alive = False
+                has_connection_close = True
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        block = b"".join(content)
+        if _BLOCK.fullmatch(block) is None:
+            raise RuntimeError("Invalid HTTP header name or value.")
+        return STATUS_LINE[status] + block + b"\r\n"
+
+
+class CoalescingProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose requests are served by `ResponseCycle`."""
+
+    __slots__ = ()
+
+    def on_headers_complete(self) -> None:
+        # uvicorn 0.55's HttpToolsProtocol.on_headers_complete; only the cycle's class differs.
+        http_version = self.parser.get_http_version()
+        method = self.parser.get_method()
+        self.scope["method"] = method.decode("ascii")
+        if http_version != "1.1":
+            self.scope["http_version"] = http_version
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        self.scope["path"] = self.root_path + path
+        self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        self.scope["query_string"] = parsed_url.query or b""
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency
+        ):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app
+        existing_cycle = self.cycle
+        self.cycle = ResponseCycle(
+            self.loop,
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined requests wait for the responses before them
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
