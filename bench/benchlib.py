@@ -1,7 +1,7 @@
 """Shared pieces of bench/run.py and bench/profile.py (stdlib only).
 
 Process control (every process in its own session, stopped by its process-group id), the /proc
-accounting (CPU jiffies per process group and for everything else, steal, RSS, bytes read), wrk's
+accounting (CPU jiffies per process group and for everything else, steal, RSS), wrk's
 output parser and small helpers. Adapted from the shared reference harness's lib/benchlib.py.
 """
 
@@ -332,24 +332,6 @@ def group_rss(pgid: int) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm") as f:
             total += int(f.read().split()[1]) * PAGE
     return total
-
-
-def group_io(pgid: int) -> tuple[int, int] | None:
-    """(rchar, wchar): bytes read and written through syscalls by the process group's live
-    processes; None when /proc/<pid>/io is not readable (not root and not our process)."""
-    r = w = 0
-    pids = group_pids(pgid)
-    if not pids:
-        return None
-    try:
-        for pid in pids:
-            with open(f"/proc/{pid}/io") as f:
-                fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-            r += int(fields["rchar"])
-            w += int(fields["wchar"])
-    except (OSError, KeyError, ValueError):
-        return None
-    return r, w
 
 
 def raise_nofile(want: int) -> int:

@@ -365,8 +365,8 @@ def report(bench: Any, started: str, elapsed: float) -> tuple[str, dict[str, Any
         "CPU % = 100 per core. Latencies are wrk's at saturation (closed loop): compare rows, not SLOs. "
         "other CPU % / steal % = CPU taken during the point by processes outside the benchmark / by the "
         f"hypervisor (max over rounds); ⚠ = over {cfg.other_max}% / {cfg.steal_max}% even after "
-        f"{cfg.retries} re-measurement(s): unreliable. Upload: `backends read MiB/req` (from /proc/<pid>/io) "
-        "shows the whole body reached the backends."
+        f"{cfg.retries} re-measurement(s): unreliable. Upload: `backends read MiB/req` = bytes the "
+        "backend nginx read per complete upload (its upload.log): the whole body crossed the LB."
     )
     w("")
     n_dist = sum(1 for a in agg.values() if a["disturbed"]) + sum(1 for i in idle.values() if i["disturbed"])
