@@ -88,6 +88,7 @@ class Cfg:
         self.retries = env_int("RETRIES", 1, 0)
         self.other_max = env_int("OTHER_MAX_PCT", 10, 0)
         self.steal_max = env_int("STEAL_MAX_PCT", 10, 0)
+        self.quiet_wait = env_int("QUIET_WAIT", 20, 0)
         self.ready_timeout = env_int("LB_READY_TIMEOUT", 30, 1)
         self.install = os.environ.get("BENCH_INSTALL", "1").strip() != "0"
         self.backend_explicit = bool(os.environ.get("BACKEND", "").strip())
@@ -540,6 +541,8 @@ class Bench:
         attempts: list[dict[str, Any]] = []
         for attempt in range(cfg.retries + 1):
             raw = self.run_dir / "raw" / f"r{rnd}-{t}-{label}.a{attempt}.txt"
+            if attempt:
+                self.wait_quiet({self.harness_pgid, *be_pgids, *extra_pgids, lb_pgid} - {0})
             if cfg.warmup:
                 self.run_wrk(port, scenario, cfg.warmup, raw.with_suffix(".warmup.txt"))
             pg = {self.harness_pgid, *be_pgids, *extra_pgids} | ({lb_pgid} if lb_pgid else set())
@@ -724,6 +727,26 @@ class Bench:
             lines = [x for x in (r.stderr + r.stdout).strip().splitlines() if x.strip()]
             return f"lbapp --check failed: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
         return None
+
+    def wait_quiet(self, ours: set[int]) -> None:
+        """Before measuring a disturbed point again: wait (up to QUIET_WAIT s, in 1 s windows)
+        until processes outside the benchmark and the hypervisor are under their limits."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.quiet_wait
+        while time.monotonic() < deadline:
+            b = snap(ours)
+            time.sleep(1.0)
+            e = snap(ours)
+            wall = max(1e-6, e["t"] - b["t"])
+            other = 100.0 * (e["other"] - b["other"]) / CLK_TCK / wall
+            steal = sum(
+                100.0 * (v[2] - b["cores"][c][2]) / max(1, v[1] - b["cores"][c][1])
+                for c, v in e["cores"].items()
+                if c in b["cores"]
+            )
+            if other <= cfg.other_max and steal <= cfg.steal_max:
+                return
+        log(f"  still busy after QUIET_WAIT={cfg.quiet_wait} s: measuring anyway")
 
     def warn_if_busy(self) -> None:
         cfg = self.cfg
