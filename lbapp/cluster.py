@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from .admission import FULL, Full
 from .backend import Backend
@@ -20,8 +19,6 @@ from .policy import Balancer, RequestInfo
 from .pool import Pool
 from .ratelimit import RateLimiter
 from .settings import BackendSpec, RouteSpec, Settings
-
-Send = Any
 
 
 class Cluster:
@@ -102,18 +99,9 @@ class Cluster:
         if hook is not None:
             hook(backend)
 
-    def with_policy_headers(self, send: Send, backend: Backend, request: RequestInfo) -> Send:
-        """`send`, adding the policy's response headers (e.g. sticky's Set-Cookie), if it has any."""
-        extra = self.response_headers(backend, request) if self.response_headers is not None else None
-        if not extra:
-            return send
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message["headers"], *extra]
-            await send(message)
-
-        return send_with_headers
+    def policy_headers(self, backend: Backend, request: RequestInfo) -> list[tuple[bytes, bytes]] | None:
+        """The policy's response headers for `backend` (e.g. sticky's Set-Cookie), if it has any."""
+        return self.response_headers(backend, request) if self.response_headers is not None else None
 
     def matches(self, path: bytes) -> bool:
         prefix = self.raw_prefix

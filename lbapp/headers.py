@@ -126,7 +126,8 @@ def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> 
     """Drop hop-by-hop headers (and those named in `Connection`) from the backend's answer.
 
     Names must be lower case. Returns the headers to send and the Content-Length (-1 if none). A
-    response without `Date` gets one (RFC 9110 §6.6.1); the backend's own is kept.
+    response without `Date` gets one (RFC 9110 §6.6.1); the backend's own is kept. The backend's
+    `X-Request-ID` is dropped: the proxy adds the request's.
     """
     out: Headers = []
     extra_drop: set[bytes] | None = None
@@ -144,6 +145,8 @@ def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> 
             length = int(value) if value.isdigit() else -1
         elif name == b"date":
             dated = True
+        elif name == b"x-request-id":
+            continue  # the proxy adds the request's own (observe.Tap): exactly one
         out.append((name, value))
     if extra_drop:
         extra_drop.discard(b"content-length")

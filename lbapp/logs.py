@@ -107,7 +107,8 @@ class BatchingHandler(logging.Handler):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None  # tracebacks hold frames: render them now, not later
         self.pending.append(record)
-        if len(self.pending) >= self.high_water:
+        # Once per batch: setting an Event takes its lock and notifies, every time.
+        if len(self.pending) >= self.high_water and not self.wake.is_set():
             self.wake.set()
         return True
 

@@ -1,8 +1,11 @@
 """What the proxy reports about one exchange: bytes, time to headers, the request id, the log line.
 
-`Tap` wraps the ASGI `receive`/`send` of one request: it counts body bytes both ways, notes when
-the response headers went out, and adds `X-Request-ID` to the response. The proxy only creates it
-and hands it to `Stats.end` and `AccessLog.write` when the request is over.
+`Tap` holds what one request reports: body bytes both ways, when the response headers went out,
+the request id. Its `receive` counts the body read; its `send` (for lbapp's own answers) counts
+what goes out and adds `X-Request-ID`. The proxy relays a backend's response straight to
+`downstream`, the server's `send`, and does the same accounting itself (`proxy.relay`): a wrapper
+there would cost a coroutine per message. The proxy hands the tap to `Stats.end` and
+`AccessLog.write` when the request is over.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from .requestid import HEADER, ensure_request_id
 
 
 class Tap:
-    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers_at", "rate_limit", "request_id")
+    __slots__ = ("_receive", "bytes_in", "bytes_out", "downstream", "headers_at", "rate_limit", "request_id")
 
     def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.request_id = ensure_request_id(scope)
         self._receive = receive
-        self._send = send
+        self.downstream = send
         self.bytes_in = 0
         self.bytes_out = 0
         self.headers_at = 0.0  # perf_counter() when the response headers were sent, 0 before
@@ -40,11 +43,11 @@ class Tap:
             headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != HEADER]
             headers.append((HEADER, self.request_id))
             message = {**message, "headers": headers}
-            await self._send(message)
+            await self.downstream(message)
             self.headers_at = time.perf_counter()
             return
         body = message.get("body")
-        await self._send(message)
+        await self.downstream(message)
         if body:
             self.bytes_out += len(body)
 

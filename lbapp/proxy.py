@@ -33,6 +33,7 @@ from .headers import (
 from .metrics import Stats
 from .observe import AccessLog, Tap
 from .policy import RequestInfo
+from .requestid import HEADER as REQUEST_ID
 from .retry import (
     DENIED,
     IDEMPOTENT,
@@ -57,10 +58,11 @@ EMPTY_BODY = httpx.ByteStream(b"")
 class Prepared:
     """The upstream request as `prepare` built it."""
 
-    __slots__ = ("cluster", "head", "info", "safe", "target")
+    __slots__ = ("cluster", "extra", "head", "info", "safe", "target")
 
     def __init__(self, cluster: Cluster, head: RequestHead, target: bytes, info: RequestInfo, safe: bool):
         self.cluster = cluster
+        self.extra: list[tuple[bytes, bytes]] = []  # response headers to add (e.g. the rate limit's)
         self.head = head
         self.target = target  # the request-line target sent upstream (after the backend's base path)
         self.info = info  # what the policy may look at
@@ -105,16 +107,13 @@ class Proxy:
         try:
             limit = self.front_door.max_in_flight
             prepared = self.prepare(scope) if not limit or stats.in_flight <= limit else OVERLOADED
-            send = tap.send
             if isinstance(prepared, Prepared) and prepared.cluster.limiter is not None:  # rate limit
-                prepared, send = await prepared.cluster.limiter.admit(prepared, tap)
+                prepared = await prepared.cluster.limiter.admit(prepared, tap)
             if isinstance(prepared, Prepared):
                 with Attempts(self.retry, self.budget) as attempts:
-                    status = await self._handle(
-                        prepared, scope["method"], tap.receive, send, exchange, attempts
-                    )
+                    status = await self._handle(prepared, scope["method"], tap, exchange, attempts)
             else:  # refused before any backend was chosen
-                status = await self._answer(send, prepared)
+                status = await self._answer(tap.send, prepared)
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -157,15 +156,10 @@ class Proxy:
         return Prepared(cluster, head, target, info, safe)
 
     async def _handle(
-        self,
-        prepared: Prepared,
-        method: str,
-        receive: Receive,
-        send: Send,
-        exchange: Exchange,
-        attempts: Attempts,
+        self, prepared: Prepared, method: str, tap: Tap, exchange: Exchange, attempts: Attempts
     ) -> int:
         """The attempt loop: pick, send, and on failure retry while the rules allow it."""
+        receive, send = tap.receive, tap.send  # lbapp's own answers; a response goes to `relay`
         cluster = prepared.cluster
         pool = cluster.pool
         door = self.front_door
@@ -197,8 +191,10 @@ class Proxy:
                 result = await self._attempt(backend, method, prepared, stream)
                 if isinstance(result, httpx.Response):
                     cluster.answered(backend, result.status_code, time.perf_counter() - sent_at)
-                    send = cluster.with_policy_headers(send, backend, prepared.info)
-                    return await self.relay(result, backend, cluster, method, send, exchange)
+                    extra = cluster.policy_headers(backend, prepared.info)
+                    if extra:
+                        prepared.extra.extend(extra)
+                    return await self.relay(result, backend, cluster, method, tap, exchange, prepared.extra)
             finally:
                 pool.release(backend)
             if isinstance(result, ClientError):
@@ -241,15 +237,23 @@ class Proxy:
         backend: Backend,
         cluster: Cluster,
         method: str,
-        send: Send,
+        tap: Tap,
         exchange: Exchange,
+        extra: list[tuple[bytes, bytes]],
     ) -> int:
-        """Stream the backend's answer to the client; a body the backend breaks off aborts the client."""
+        """Stream the backend's answer to the client; a body the backend breaks off aborts the client.
+
+        Straight to the server's `send`, with the tap's accounting done here (observe.Tap)."""
         status = response.status_code
+        send = tap.downstream
         sent = 0
         try:
             headers, expected = filter_response_headers(lower_headers(response), status)
+            if extra:
+                headers += extra
+            headers.append((REQUEST_ID, tap.request_id))
             await send({"type": "http.response.start", "status": status, "headers": headers})
+            tap.headers_at = time.perf_counter()
             self.stats.observe_response()
             if method != "HEAD" and status not in NO_BODY_STATUS:
                 # With a Content-Length the last chunk is known when it arrives: send it as the
@@ -259,6 +263,7 @@ class Proxy:
                     assert isinstance(stream, httpx.AsyncByteStream)
                     async for chunk in stream:
                         sent += len(chunk)
+                        tap.bytes_out = sent
                         if sent == expected:
                             exchange.done = True
                             await send({"type": "http.response.body", "body": chunk, "more_body": False})

@@ -221,26 +221,21 @@ class RateLimiter:
         """Take a token (a store that cannot answer decides by its fail policy, `error` set)."""
         return await self.store.take(f"{self.route}\x00{self.key(headers, client_ip)}", self.limit)
 
-    async def admit(self, prepared: Any, tap: Any) -> tuple[Any, Any]:
-        """Take a token for a prepared request, before a backend is chosen: (the request, a `send`
-        adding the headers), or when refused (the 429/503 answer with them, the plain `send`)."""
+    async def admit(self, prepared: Any, tap: Any) -> Any:
+        """Take a token for a prepared request, before a backend is chosen: the request, with the
+        rate-limit headers added to its response's (`prepared.extra`), or when refused the 429/503
+        answer carrying them."""
         info = prepared.info
         decision = await self.check(info.scope["headers"], info.client_ip)
         tap.rate_limit = "error" if decision.error else "pass" if decision.allowed else "limited"
         self.errors += decision.error
         extra = decision.headers()
-        send = tap.send
         if not decision.allowed:
             self.refused += 1
             start, body = LIMITER_DOWN if decision.error else RATE_LIMITED
-            return ({**start, "headers": [*start["headers"], *extra]}, body), send
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message["headers"], *extra]
-            await send(message)
-
-        return prepared, send_with_headers
+            return ({**start, "headers": [*start["headers"], *extra]}, body)
+        prepared.extra.extend(extra)
+        return prepared
 
 
 RATE_LIMITED: Answer = json_error(429, "rate limited")
