@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The demo and the image run lbapp's launcher (`lbapp`, lbapp/cli.py), which starts uvicorn with
 # the production defaults and the hardened protocol; `uvicorn lbapp:app` is the lower-level way.
 
-.PHONY: install test lint demo bench soak clean
+.PHONY: install test lint demo bench profile soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,16 @@ demo: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
 
-# wrk benchmark of lbapp (1 and 2 workers) against the backend alone; see bench/README.md.
+# wrk benchmark of lbapp (launcher, 1 and 2 workers, access log on and off) against nginx and Go's
+# httputil.ReverseProxy in one run of interleaved rounds: small, 1 MiB down, 1 MiB up, Connection:
+# close, 10,000 idle clients. Installs wrk/nginx/golang-go with apt when root. See bench/README.md.
 bench: $(STAMP)
-	PYTHON=$(BIN)/python LB_EXTRA_ARGS=--no-proxy-headers bench/run.sh
+	PYTHON=$(BIN)/python bench/run.sh
+
+# py-spy flame graph (+ collapsed stacks) of lbapp under wrk load: bench/results/flame-<time>.svg.
+profile: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	PYTHON=$(BIN)/python $(BIN)/python bench/profile.py
 
 # Soak test (not in CI): SOAK_SECONDS (default 600) of load with backends killed and restarted and
 # clients aborting; CSV and PNG in bench/results/, non-zero exit if RSS or fds grow > 5%.
