@@ -15,7 +15,7 @@ import time
 from typing import Any, Protocol, cast
 
 from .backend import Backend
-from .logs import AccessEntry, BatchingHandler, find_batching_handler
+from .logs import AccessEntry, BatchingHandler, RequestEntry, find_batching_handler
 from .requestid import HEADER, ensure_request_id
 
 
@@ -77,23 +77,27 @@ class AccessLog:
     ) -> None:
         if self.logger.disabled:
             return
-        now = time.perf_counter()
         client = scope.get("client")
-        fields = {
-            "request_id": tap.request_id.decode("latin-1"),
-            "client": client[0] if client else None,
-            "method": scope["method"],
-            "path": scope.get("raw_path", b"").decode("latin-1") or scope["path"],
-            "status": status,
-            "backend": backend.url if backend is not None else None,
-            "attempts": attempts,
-            "upstream_ms": round((tap.headers_at - started) * 1000, 3) if tap.headers_at else None,
-            "total_ms": round((now - started) * 1000, 3),
-            "bytes_in": tap.bytes_in,
-            "bytes_out": tap.bytes_out,
-            "rate_limit": tap.rate_limit,
-        }
-        self.emit(fields)
+        entry = RequestEntry(
+            (
+                tap.request_id,
+                client[0] if client else None,
+                scope["method"],
+                scope.get("raw_path") or scope["path"],
+                status,
+                backend.url if backend is not None else None,
+                attempts,
+                tap.headers_at - started if tap.headers_at else None,
+                time.perf_counter() - started,
+                tap.bytes_in,
+                tap.bytes_out,
+                tap.rate_limit,
+            )
+        )
+        if self.handler is not None:
+            self.handler.handle(cast(logging.LogRecord, entry))
+        elif self.logger.isEnabledFor(logging.INFO):
+            self.logger.info("access", extra={"access": entry.access})
 
     def write_websocket(
         self,
