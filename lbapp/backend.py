@@ -43,6 +43,7 @@ class Backend:
         "last_checked",
         "last_returned",
         "origin",
+        "origin_key",
         "ramp_from",
         "ramp_until",
         "route",
@@ -69,6 +70,8 @@ class Backend:
         self.route = route  # the prefix of the cluster this backend serves ("/": the default pool)
         # Parsed once: the proxy joins `base_path` and the client's raw target per request.
         self.origin = httpx.URL(f"{parts.scheme}://{parts.netloc}/")
+        default_port = 443 if self.origin.scheme == "https" else 80
+        self.origin_key = (self.origin.scheme, self.origin.host, self.origin.port or default_port)
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.host_header = parts.netloc.encode("ascii")
         self.state = HEALTHY

@@ -29,7 +29,7 @@ DISCONNECTED = "Server disconnected without sending a response."
 
 
 def transport_error(
-    cls: type[httpx.TransportError], msg: str, request: httpx.Request, sent: bool
+    cls: type[httpx.TransportError], msg: str, request: httpx.Request | None, sent: bool
 ) -> Exception:
     """Build an httpx exception that tells the caller whether any request byte hit the wire."""
     exc = cls(msg, request=request)
@@ -260,7 +260,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()  # never let unread or unsent data linger
 
-    def raise_error(self, request: httpx.Request) -> None:
+    def raise_error(self, request: httpx.Request | None) -> None:
         if self.error is not None:
             cls, msg = self.error
             raise transport_error(cls, msg, request, self.sent)

@@ -17,7 +17,7 @@ import httpx
 
 from .connection import Connection, expire, transport_error
 
-__all__ = ["OriginPool", "ResponseBody"]
+__all__ = ["LeanResponse", "OriginPool", "ResponseBody"]
 
 
 class OriginPool:
@@ -37,7 +37,7 @@ class OriginPool:
         self.total = 0
         self.closed = False
 
-    async def acquire(self, seconds: float | None, request: httpx.Request) -> Connection | None:
+    async def acquire(self, seconds: float | None, request: httpx.Request | None) -> Connection | None:
         """Return an idle connection, or None when the caller got a free slot and must connect."""
         idle = self.idle
         if idle:
@@ -154,7 +154,7 @@ class ResponseBody(httpx.AsyncByteStream):
         pool: OriginPool,
         conn: Connection | None,
         chunks: deque[bytes],
-        request: httpx.Request,
+        request: httpx.Request | None,
         seconds: float | None,
     ) -> None:
         self._pool = pool
@@ -205,3 +205,30 @@ class ResponseBody(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._chunks.clear()
         self._release()
+
+
+class LeanResponse:
+    """A response head and its body stream, without an `httpx.Response` around them.
+
+    `headers` are (raw name, lower-case name, value) triples, as parsed; `aclose` gives the
+    connection back (or closes it) like `httpx.Response.aclose`.
+    """
+
+    __slots__ = ("headers", "http_version", "reason", "status_code", "stream")
+
+    def __init__(
+        self,
+        status_code: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        stream: ResponseBody,
+        http_version: bytes,
+        reason: bytes,
+    ) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.stream = stream
+        self.http_version = http_version
+        self.reason = reason
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

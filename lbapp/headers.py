@@ -122,10 +122,11 @@ def add_forwarding_headers(
         headers.append((b"x-forwarded-host", head.host))
 
 
-def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> tuple[Headers, int]:
+def filter_response_headers(raw: Iterable[tuple[bytes, bytes, bytes]], status: int) -> tuple[Headers, int]:
     """Drop hop-by-hop headers (and those named in `Connection`) from the backend's answer.
 
-    Names must be lower case. Returns the headers to send and the Content-Length (-1 if none). A
+    `raw` holds (raw name, lower-case name, value) triples, as parsed; what is sent keeps the
+    lower-case names. Returns the headers to send and the Content-Length (-1 if none). A
     response without `Date` gets one (RFC 9110 §6.6.1); the backend's own is kept. The backend's
     `X-Request-ID` is dropped: the proxy adds the request's.
     """
@@ -134,7 +135,7 @@ def filter_response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> 
     no_body = status in NO_BODY_STATUS
     length = -1
     dated = False
-    for name, value in raw:
+    for _, name, value in raw:
         if name in HOP_BY_HOP:
             if name == b"connection":
                 extra_drop = (extra_drop or set()) | connection_tokens(value)

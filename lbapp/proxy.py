@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterable
+from typing import Any, cast
 
 import httpx
 
@@ -45,14 +46,13 @@ from .retry import (
     has_idempotency_key,
 )
 from .streaming import ClientBody, ClientError, Exchange
-from .upstream import Upstream, lower_headers
+from .upstream import Reply, Upstream, response_headers
 
 logger = logging.getLogger("lbapp.proxy")
 
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
-EMPTY_BODY = httpx.ByteStream(b"")
 
 
 class Prepared:
@@ -164,7 +164,7 @@ class Proxy:
         pool = cluster.pool
         door = self.front_door
         body: ClientBody | None = None
-        stream: httpx.AsyncByteStream = EMPTY_BODY
+        stream: httpx.AsyncByteStream | None = None
         if prepared.head.has_body:
             body = ClientBody(receive, exchange, prepared.safe, door.body_timeout, door.max_body)
             try:  # a small body is read whole before any backend is chosen
@@ -189,7 +189,7 @@ class Proxy:
             try:
                 sent_at = time.perf_counter()
                 result = await self._attempt(backend, method, prepared, stream)
-                if isinstance(result, httpx.Response):
+                if not isinstance(result, Exception):
                     cluster.answered(backend, result.status_code, time.perf_counter() - sent_at)
                     extra = cluster.policy_headers(backend, prepared.info)
                     if extra:
@@ -216,8 +216,8 @@ class Proxy:
                 await asyncio.sleep(self.retry.delay)
 
     async def _attempt(
-        self, backend: Backend, method: str, prepared: Prepared, stream: httpx.AsyncByteStream
-    ) -> httpx.Response | Exception:
+        self, backend: Backend, method: str, prepared: Prepared, stream: httpx.AsyncByteStream | None
+    ) -> Reply | Exception:
         """Send the request to `backend`: its response head, or the error that prevented it."""
         head = prepared.head
         headers = head.headers
@@ -225,15 +225,16 @@ class Proxy:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.append((b"host", backend.host_header))
         target = backend.base_path + prepared.target
-        request = self.upstream.request(method, backend.origin, headers, stream, target)
         try:
-            return await self.upstream.send(request)
+            return await self.upstream.send(
+                method, backend.origin, backend.origin_key, headers, stream, target
+            )
         except (httpx.HTTPError, ClientError) as exc:
             return exc
 
     async def relay(
         self,
-        response: httpx.Response,
+        response: Reply,
         backend: Backend,
         cluster: Cluster,
         method: str,
@@ -248,7 +249,7 @@ class Proxy:
         send = tap.downstream
         sent = 0
         try:
-            headers, expected = filter_response_headers(lower_headers(response), status)
+            headers, expected = filter_response_headers(response_headers(response), status)
             if extra:
                 headers += extra
             headers.append((REQUEST_ID, tap.request_id))
@@ -259,8 +260,7 @@ class Proxy:
                 # With a Content-Length the last chunk is known when it arrives: send it as the
                 # final message, saving uvicorn a write per response.
                 try:
-                    stream = response.stream
-                    assert isinstance(stream, httpx.AsyncByteStream)
+                    stream = cast(AsyncIterable[bytes], response.stream)
                     async for chunk in stream:
                         sent += len(chunk)
                         tap.bytes_out = sent

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import httpx
 
-__all__ = ["adopt", "lowered"]
+__all__ = ["adopt", "triples"]
 
 Triple = tuple[bytes, bytes, bytes]
 
@@ -29,6 +29,6 @@ def adopt(headers: httpx.Headers, items: list[Triple]) -> httpx.Headers:
     return headers
 
 
-def lowered(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
-    """The headers as (lower-case name, value) pairs, in order, duplicates kept."""
-    return [(lower, value) for _, lower, value in headers._list]
+def triples(headers: httpx.Headers) -> list[Triple]:
+    """The headers as (raw name, lower-case name, value) triples, in order (not a copy)."""
+    return headers._list

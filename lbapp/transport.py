@@ -24,20 +24,20 @@ from typing import cast
 import httpx
 
 from .connection import DISCONNECTED, Connection, transport_error
-from .connection_pool import OriginPool, ResponseBody
+from .connection_pool import LeanResponse, OriginPool, ResponseBody
 from .rawheaders import adopt
 
-__all__ = ["LeanTransport", "replayable"]
+__all__ = ["LeanResponse", "LeanTransport", "replayable"]
 
 _Key = tuple[str, str, int]
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
-def replayable(request: httpx.Request) -> bool:
+def replayable(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
     """Safe to send again after it may have reached the server (Go's ``Request.isReplayable``)."""
-    if request.method in REPLAYABLE_METHODS:
+    if method in REPLAYABLE_METHODS:
         return True
-    return any(name.lower() == b"idempotency-key" and value.strip() for name, value in request.headers.raw)
+    return any(name.lower() == b"idempotency-key" and value.strip() for name, value in headers)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -69,32 +69,64 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RuntimeError("LeanTransport is closed.")
         url = request.url
         scheme = url.scheme
         if scheme != "http" and scheme != "https":
             raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {scheme!r}.", request=request)
         key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = OriginPool(self._max_connections, self._max_keepalive, self._expiry)
         timeouts = self._defaults
         ext = request.extensions.get("timeout")
         if ext:
             timeouts = {**timeouts, **ext}
-        head, chunked, has_body = self._encode_head(request)
+        target = request.extensions.get("target") or url.raw_path
+        stream = cast(AsyncIterable[bytes], request.stream)
+        lean = await self.exchange(
+            key, request.method, target, request.headers.raw, stream, timeouts, request
+        )
+        response = httpx.Response(
+            lean.status_code,
+            stream=lean.stream,
+            extensions={"http_version": lean.http_version, "reason_phrase": lean.reason},
+        )
+        # The parser already gave (raw name, lower name, value): skip httpx's re-normalisation.
+        adopt(response.headers, lean.headers)
+        return response
 
+    async def exchange(
+        self,
+        key: _Key,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        stream: AsyncIterable[bytes] | None,
+        timeouts: dict[str, float | None],
+        request: httpx.Request | None = None,
+    ) -> LeanResponse:
+        """One request to the origin `key` = (scheme, host, port): the response head and body.
+
+        What `handle_async_request` does, for a caller that has the parts rather than an
+        `httpx.Request` (the proxy: no request or response objects of httpx's per exchange).
+        `stream` is the body (None: none); `timeouts` has the keys connect, read, write and pool;
+        errors are the same httpx exceptions (their `request` is `request`, possibly None).
+        """
+        if self._closed:
+            raise RuntimeError("LeanTransport is closed.")
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = OriginPool(self._max_connections, self._max_keepalive, self._expiry)
+        head, chunked, has_body = self._encode_head(method, target, headers)
         conn = await pool.acquire(timeouts["pool"], request)
         retried = False
         while True:
             if conn is None:
                 conn = await self._connect(pool, key, timeouts["connect"], request)
             try:
-                return await self._exchange(pool, conn, request, head, chunked, has_body, timeouts)
+                return await self._exchange(
+                    pool, conn, method, request, head, chunked, has_body, stream, timeouts
+                )
             except (httpx.RemoteProtocolError, httpx.NetworkError):
                 conn.close()
-                if retried or not self._may_resend(conn, request, has_body):
+                if retried or not self._may_resend(conn, method, headers, has_body):
                     pool.release(conn)
                     raise
                 retried, conn = True, None  # stale keep-alive connection: keep its slot, retry once
@@ -104,31 +136,35 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise
 
     @staticmethod
-    def _may_resend(conn: Connection, request: httpx.Request, has_body: bool) -> bool:
+    def _may_resend(
+        conn: Connection, method: str, headers: list[tuple[bytes, bytes]], has_body: bool
+    ) -> bool:
         """A reused connection failed before any response byte: may the request go out again?"""
         if not conn.reused or conn.received:
             return False  # a fresh connection's failure, or the server answered: not stale
-        return not conn.sent or (not has_body and replayable(request))
+        return not conn.sent or (not has_body and replayable(method, headers))
 
     async def _exchange(
         self,
         pool: OriginPool,
         conn: Connection,
-        request: httpx.Request,
+        method: str,
+        request: httpx.Request | None,
         head: bytes,
         chunked: bool,
         has_body: bool,
+        stream: AsyncIterable[bytes] | None,
         timeouts: dict[str, float | None],
-    ) -> httpx.Response:
-        conn.begin(request.method == "HEAD")
+    ) -> LeanResponse:
+        conn.begin(method == "HEAD")
         if conn.closed:
             raise transport_error(
                 httpx.WriteError, "Connection closed before the request was sent.", request, False
             )
-        if not has_body:
+        if not has_body or stream is None:
             conn.write(head)
         else:
-            await self._send_body(conn, request, head, chunked, timeouts["write"])
+            await self._send_body(conn, request, stream, head, chunked, timeouts["write"])
         while not conn.headers_done:
             conn.raise_error(request)
             if conn.closed:
@@ -146,19 +182,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             body = ResponseBody(pool, conn, conn.chunks, request, timeouts["read"])
         version = b"HTTP/1.1" if conn.version == "1.1" else b"HTTP/" + conn.version.encode()
-        response = httpx.Response(
-            conn.status,
-            stream=body,
-            extensions={"http_version": version, "reason_phrase": conn.reason},
-        )
-        # The parser already gave (raw name, lower name, value): skip httpx's re-normalisation.
-        adopt(response.headers, conn.headers)
-        return response
+        return LeanResponse(conn.status, conn.headers, body, version, conn.reason)
 
     async def _send_body(
-        self, conn: Connection, request: httpx.Request, head: bytes, chunked: bool, seconds: float | None
+        self,
+        conn: Connection,
+        request: httpx.Request | None,
+        stream: AsyncIterable[bytes],
+        head: bytes,
+        chunked: bool,
+        seconds: float | None,
     ) -> None:
-        stream = cast(AsyncIterable[bytes], request.stream)
         if isinstance(stream, httpx.ByteStream):  # in-memory: coalesce into one write
             parts = [head]
             async for chunk in stream:
@@ -178,7 +212,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _send_stream(
         self,
         conn: Connection,
-        request: httpx.Request,
+        request: httpx.Request | None,
         stream: AsyncIterable[bytes],
         head: bytes,
         chunked: bool,
@@ -202,7 +236,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             conn.write(b"0\r\n\r\n")
 
     @staticmethod
-    async def _drain(conn: Connection, request: httpx.Request, seconds: float | None) -> None:
+    async def _drain(conn: Connection, request: httpx.Request | None, seconds: float | None) -> None:
         """Write back-pressure: wait while the transport's buffer is above its high-water mark."""
         while conn.write_paused and not conn.closed:
             try:
@@ -213,13 +247,14 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 ) from None
 
     @staticmethod
-    def _encode_head(request: httpx.Request) -> tuple[bytes, bool, bool]:
+    def _encode_head(
+        method: str, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bool, bool]:
         """Serialise the request head verbatim; return (head, chunked, has_body)."""
-        target = request.extensions.get("target") or request.url.raw_path
-        parts = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
         chunked = False
         length: bytes | None = None
-        for name, value in request.headers.raw:
+        for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
             n = len(name)
             if n == 14 and name.lower() == b"content-length":
@@ -230,7 +265,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return b"".join(parts), chunked, chunked or (length is not None and length != b"0")
 
     async def _connect(
-        self, pool: OriginPool, key: _Key, seconds: float | None, request: httpx.Request
+        self, pool: OriginPool, key: _Key, seconds: float | None, request: httpx.Request | None
     ) -> Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()

@@ -152,7 +152,10 @@ def accept_message(upstream: ClientConnection, extra: list[tuple[bytes, bytes]])
     """`websocket.accept` with the backend's subprotocol (never an invented or empty one) and headers."""
     response = upstream.response
     assert response is not None  # the handshake succeeded
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.raw_items()]
+    raw = [
+        (k.encode("latin-1"), k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.raw_items()
+    ]
     headers, _ = filter_response_headers(raw, 101)
     headers = [(n, v) for n, v in headers if n not in HANDSHAKE_HEADERS]
     message: dict[str, Any] = {"type": "websocket.accept", "headers": headers + extra}
@@ -179,6 +182,9 @@ async def deny(
 
 def refusal(response: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """The backend's non-101 answer to the handshake, as status, forwardable headers and body."""
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.raw_items()]
+    raw = [
+        (k.encode("latin-1"), k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.raw_items()
+    ]
     headers, _ = filter_response_headers(raw, response.status_code)
     return response.status_code, headers, bytes(response.body or b"")

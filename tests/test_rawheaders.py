@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from lbapp.rawheaders import adopt, lowered
-from lbapp.upstream import fast_headers, lower_headers
+from lbapp.rawheaders import adopt, triples
+from lbapp.upstream import fast_headers, response_headers
 
 PAIRS = [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"X-E", b"")]
 
@@ -20,9 +20,9 @@ def test_adopted_headers_equal_the_public_constructors_result() -> None:
     assert adopted == public
 
 
-def test_lowered_reads_lower_case_names_in_order_with_duplicates() -> None:
+def test_triples_read_raw_and_lower_case_names_in_order_with_duplicates() -> None:
     public = httpx.Headers(PAIRS)
-    assert lowered(public) == [(name.lower(), value) for name, value in PAIRS]
+    assert triples(public) == [(name, name.lower(), value) for name, value in PAIRS]
 
 
 def test_requests_and_responses_built_through_the_helpers_behave_like_public_ones() -> None:
@@ -31,4 +31,4 @@ def test_requests_and_responses_built_through_the_helpers_behave_like_public_one
     assert request.headers.raw == raw
     assert request.headers.get_list("X-Dup") == ["1", "2"]
     response = httpx.Response(200, headers=[(b"Set-Cookie", b"a=1"), (b"X-A", b"b")])
-    assert lower_headers(response) == [(b"set-cookie", b"a=1"), (b"x-a", b"b")]
+    assert response_headers(response) == [(b"Set-Cookie", b"set-cookie", b"a=1"), (b"X-A", b"x-a", b"b")]
