@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from .admin import AdminEndpoints, AdminGuard
 from .cluster import Clusters, build_clusters
+from .deadlines import Deadlines
 from .discovery import Discovery
 from .frontdoor import FrontDoor
 from .headers import TrustedProxies
@@ -178,6 +179,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         stop_listening = listen_for_sighup(reloader)  # first: SIGHUP's default would end the process
         upstream.start()
         proxy.loop = asyncio.get_running_loop()
+        proxy.deadlines = Deadlines(proxy.loop)
         tune_gc()
         drain.install()  # SIGTERM: /lb-ready fails first, uvicorn stops accepting after the delay
         if proxy.access_log is not None:
@@ -211,7 +213,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     await running
             await runtime.aclose()
             await upstream.aclose()
-            proxy.loop = None
+            proxy.loop = proxy.deadlines = None
             if limit_store is not None:
                 await limit_store.aclose()
             metrics.close()  # last flush; in-flight gauges of this worker stop counting

@@ -23,6 +23,8 @@ from typing import Any, cast
 import httptools
 import httpx
 
+from .deadlines import Deadlines
+
 HIGH_WATER = 256 * 1024  # pause reading above this many unconsumed body bytes ...
 LOW_WATER = 64 * 1024  # ... and resume once the consumer drained below this
 DISCONNECTED = "Server disconnected without sending a response."
@@ -50,8 +52,9 @@ class ProtocolViolation(Exception):
 class Connection(asyncio.Protocol):
     """One TCP connection; the protocol callbacks fill per-response state that the awaiting side reads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
         self.loop = loop
+        self.deadlines = deadlines  # the transport's shared timer for `wait` (None: a timer each)
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.closed = False  # socket gone (EOF, error or closed by us)
@@ -242,13 +245,22 @@ class Connection(asyncio.Protocol):
     async def wait(self, seconds: float | None) -> None:
         """Sleep until a protocol callback wakes us; raise TimeoutError after ``seconds``."""
         fut = self.waiter = self.loop.create_future()
-        handle = None if seconds is None else self.loop.call_later(seconds, expire, fut)
+        deadlines = self.deadlines
+        if seconds is None:
+            handle = None
+        elif deadlines is not None:
+            deadlines.add(seconds, fut, expire)
+            handle = None
+        else:
+            handle = self.loop.call_later(seconds, expire, fut)
         try:
             await fut
         finally:
             self.waiter = None
             if handle is not None:
                 handle.cancel()
+            elif deadlines is not None and seconds is not None:
+                deadlines.discard(seconds, fut)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None

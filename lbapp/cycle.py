@@ -5,8 +5,9 @@ uvicorn's `RequestResponseCycle.send` writes the head of a response the moment t
 for every small response, where one does. `ResponseCycle` holds the encoded head until the first
 `http.response.body` message and writes both at once; so that a response whose body is slow to come
 (a backend that streams, or sends its head early) still shows its head at once, a `call_soon`
-flushes a head still held on the event loop's next turn. It also validates the header block with
-one regular expression instead of two per header, accepting exactly what uvicorn accepts.
+flushes a head still held on the event loop's next turn. It also validates headers more cheaply than
+uvicorn's two regular expressions per header (names checked once and remembered, values in one
+pass over the block), accepting exactly what uvicorn accepts.
 
 `CoalescingProtocol` is uvicorn's `HttpToolsProtocol` starting its cycles as `ResponseCycle`
 (`on_headers_complete` is uvicorn 0.55's, with only the class replaced). Everything else (flow
@@ -18,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.parse
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-# uvicorn's rules (HEADER_RE, HEADER_VALUE_RE), as one pattern for the whole header block.
-_BLOCK = re.compile(rb'(?:[^\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*')
+# uvicorn's rules: a header name has none of these (HEADER_RE) ...
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
+# ... and a value only these bytes (no control character but tab: HEADER_VALUE_RE).
+_VALUE_BYTES = bytes(b for b in range(256) if b == 0x09 or (b >= 0x20 and b != 0x7F))
+NAMES_KEPT = 1024  # header names checked once and remembered (a backend's are few)
 # A body part at most this big is copied behind the head (one write); a bigger one goes in its own.
 COPY_LIMIT = 64 * 1024
 
@@ -35,6 +39,7 @@ class ResponseCycle(RequestResponseCycle):
     """uvicorn's cycle, holding the response head until the first body part (module docstring)."""
 
     held: bytes | None = None
+    valid_names: ClassVar[set[bytes]] = set()  # header names that passed uvicorn's rule
 
     def __init__(self, loop: asyncio.AbstractEventLoop, **options: Any) -> None:
         super().__init__(**options)
@@ -114,8 +119,15 @@ class ResponseCycle(RequestResponseCycle):
         headers = [*self.default_headers, *raw] if self.default_headers else raw
         content: list[bytes] = []
         has_connection_close = False
+        lines = len(headers)
+        valid = self.valid_names
         for name, value in headers:
             name = name.lower()
+            if name not in valid:
+                if not name or _BAD_NAME.search(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if len(valid) < NAMES_KEPT:
+                    valid.add(name)
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())
                 self.chunked_encoding = False
@@ -128,12 +140,15 @@ class ResponseCycle(RequestResponseCycle):
             content += (name, b": ", value, b"\r\n")
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
+            lines += 1
         if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
             self.chunked_encoding = True
             content.append(b"transfer-encoding: chunked\r\n")
+            lines += 1
         block = b"".join(content)
-        if _BLOCK.fullmatch(block) is None:
-            raise RuntimeError("Invalid HTTP header name or value.")
+        # Every control character left once the value bytes are deleted: only the line ends.
+        if block.translate(None, _VALUE_BYTES) != b"\r\n" * lines:
+            raise RuntimeError("Invalid HTTP header value.")
         return STATUS_LINE[status] + block + b"\r\n"
 
 

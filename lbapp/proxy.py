@@ -22,6 +22,7 @@ from .admission import Full
 from .answers import AT_CAPACITY, BAD_PATH, OVERLOADED, UPSTREAM_ERRORS, Answer, send_answer
 from .backend import Backend
 from .cluster import Cluster, Clusters
+from .deadlines import Deadlines
 from .frontdoor import CLIENT_ERRORS, FrontDoor, normalize
 from .headers import (
     NO_BODY_STATUS,
@@ -94,14 +95,20 @@ class Proxy:
         self.preserve_host = preserve_host
         self.access_log = access_log
         self.front_door = front_door or FrontDoor()
-        self.loop: asyncio.AbstractEventLoop | None = None  # set by the lifespan (see `Exchange`)
+        # Set by the lifespan (see `Exchange`); without one, each request makes its own.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.deadlines: Deadlines | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         stats = self.stats
         stats.begin()
         tap = Tap(scope, receive, send)  # request id, byte counts, time to headers
-        exchange = Exchange(self.loop or asyncio.get_running_loop())
+        loop, deadlines = self.loop, self.deadlines
+        if loop is None or deadlines is None:
+            loop = asyncio.get_running_loop()
+            deadlines = Deadlines(loop)
+        exchange = Exchange(loop, deadlines)
         status = 0
         attempts: Attempts | None = None
         try:

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from .deadlines import Deadlines
+
 Receive = Any
 
 # A body up to this size is kept while it streams when the request carries an Idempotency-Key,
@@ -133,30 +135,32 @@ WATCH_AFTER = 0.1
 class Exchange:
     """Per-request bookkeeping: is the client still there, and is the response finished."""
 
-    __slots__ = ("client_gone", "done", "loop", "task", "timer", "watcher")
+    __slots__ = ("client_gone", "deadlines", "done", "loop", "receive", "task", "watcher")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
         # The loop is passed in: on Python 3.11 `get_running_loop()` (and `current_task()` without
         # a loop) costs a getpid() system call each time.
         self.loop = loop
+        self.deadlines = deadlines
         self.client_gone = False
         self.done = False
         self.task = asyncio.current_task(loop)
-        self.timer: asyncio.TimerHandle | None = None
+        self.receive: Receive = None  # set once watching is asked for
         self.watcher: asyncio.Task[None] | None = None
 
     def watch_disconnect(self, receive: Receive) -> None:
         """Once the body is read, `receive` only returns on disconnect: cancel the request then.
 
-        The watcher starts only if the exchange is still running after `WATCH_AFTER`: a timer
-        handle costs far less than a task, and a client gone from a short exchange costs nothing.
+        The watcher starts only if the exchange is still running after `WATCH_AFTER` (a shared
+        deadline, deadlines.py): a task per short exchange would cost more than the exchange.
         """
-        if self.timer is None and not self.done:
-            self.timer = self.loop.call_later(WATCH_AFTER, self._start_watcher, receive)
+        if self.receive is None and not self.done:
+            self.receive = receive
+            self.deadlines.add(WATCH_AFTER, self, Exchange._start_watcher)
 
-    def _start_watcher(self, receive: Receive) -> None:
+    def _start_watcher(self) -> None:
         if not self.done:
-            self.watcher = self.loop.create_task(self._watch(receive))
+            self.watcher = self.loop.create_task(self._watch(self.receive))
 
     async def _watch(self, receive: Receive) -> None:
         message = await receive()
@@ -168,7 +172,7 @@ class Exchange:
 
     def finish(self) -> None:
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.receive is not None and self.watcher is None:
+            self.deadlines.discard(WATCH_AFTER, self)
         if self.watcher is not None and not self.watcher.done():
             self.watcher.cancel()

@@ -25,6 +25,7 @@ import httpx
 
 from .connection import DISCONNECTED, Connection, transport_error
 from .connection_pool import LeanResponse, OriginPool, ResponseBody
+from .deadlines import Deadlines
 from .rawheaders import adopt
 
 __all__ = ["LeanResponse", "LeanTransport", "replayable"]
@@ -67,6 +68,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._pools: dict[_Key, OriginPool] = {}
         self._ssl = ssl_context  # https only; ssl.create_default_context() when None
         self._closed = False
+        self._deadlines: Deadlines | None = None  # the connections' timeouts, one timer (first use)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -277,8 +279,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
             ctx = self._ssl
         try:
             async with asyncio.timeout(seconds):
+                if self._deadlines is None or self._deadlines.loop is not loop:
+                    self._deadlines = Deadlines(loop)
+                deadlines = self._deadlines
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop), host, port, ssl=ctx, server_hostname=host if ctx else None
+                    lambda: Connection(loop, deadlines),
+                    host,
+                    port,
+                    ssl=ctx,
+                    server_hostname=host if ctx else None,
                 )
         except TimeoutError:
             pool.free_slot()

@@ -40,8 +40,14 @@ async def small(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"ab", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    if path == "/bad-header":
+    if path == "/bad-value":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\r\nx-b: 2")]})
+        return
+    if path == "/bad-name":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-b: 2\r\nx-a", b"1")]})
+        return
+    if path == "/bad-control":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\x00x-b: 2")]})
         return
     if path == "/close":
         headers = [(b"content-length", b"2"), (b"connection", b"close")]
@@ -68,11 +74,13 @@ def test_small_responses_keep_their_framing_on_a_keep_alive_connection() -> None
         assert closed == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
 
 
-def test_an_invalid_header_value_is_never_written() -> None:
-    """uvicorn's rule: a header value with CR/LF is refused; the connection closes, nothing leaks."""
+@pytest.mark.parametrize("path", ["/bad-value", "/bad-name", "/bad-control"])
+def test_an_invalid_header_is_never_written(path: str) -> None:
+    """uvicorn's rules: a name with separators or controls, a value with CR/LF or another control
+    character is refused; the connection closes and nothing of it leaks."""
     with ThreadedServer(small, http=CoalescingProtocol) as server:
-        data = exchange(server.port, b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"x-b" not in data
+        data = exchange(server.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        assert b"x-b" not in data and b"x-a" not in data
 
 
 def test_a_held_head_goes_out_before_a_slow_body() -> None:
