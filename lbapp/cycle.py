@@ -31,6 +31,7 @@ _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 # ... and a value only these bytes (no control character but tab: HEADER_VALUE_RE).
 _VALUE_BYTES = bytes(b for b in range(256) if b == 0x09 or (b >= 0x20 and b != 0x7F))
 NAMES_KEPT = 1024  # header names checked once and remembered (a backend's are few)
+IDLE_SLACK = 0.005  # a timer this close to its deadline counts as on time (loops round to ~1 ms)
 # A body part at most this big is copied behind the head (one write); a bigger one goes in its own.
 COPY_LIMIT = 64 * 1024
 
@@ -153,9 +154,50 @@ class ResponseCycle(RequestResponseCycle):
 
 
 class CoalescingProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol whose requests are served by `ResponseCycle`."""
+    """uvicorn's httptools protocol whose requests are served by `ResponseCycle`, and whose
+    keep-alive timeout is one lazy timer per connection instead of a timer handle per response."""
 
-    __slots__ = ()
+    __slots__ = ("idle_deadline",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_deadline = 0.0  # loop time when the idle connection closes; 0: not idle
+
+    # --- keep-alive: uvicorn arms a timer per response and cancels it at the next request ---------
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_deadline = 0.0  # a pending timer sees this and stands down
+
+    def on_response_complete(self) -> None:
+        # uvicorn 0.55's, with the keep-alive timeout armed lazily.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.idle_deadline = 0.0
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_deadline = deadline = self.loop.time() + self.timeout_keep_alive
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(deadline, self.on_idle_timer)
+
+    def on_idle_timer(self) -> None:
+        self.timeout_keep_alive_task = None
+        deadline = self.idle_deadline
+        if not deadline or self.transport.is_closing():
+            return
+        if deadline - self.loop.time() > IDLE_SLACK:  # used since: wait for the later deadline
+            self.timeout_keep_alive_task = self.loop.call_at(deadline, self.on_idle_timer)
+            return
+        self.timeout_keep_alive_handler()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
 
     def on_headers_complete(self) -> None:
         # uvicorn 0.55's HttpToolsProtocol.on_headers_complete; only the cycle's class differs.

@@ -26,10 +26,13 @@ CLIENT_ERRORS: dict[type[ClientError], Answer] = {BodyTimeout: BODY_TIMEOUT, Bod
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:[0-9]{0,5})?")
 
 
+HOSTS_KEPT = 256
+
+
 class FrontDoor:
     """What one client may cost: the limits `prepare` and the body enforce (README, Security)."""
 
-    __slots__ = ("allow_trace", "body_timeout", "max_body", "max_in_flight", "request_buffer")
+    __slots__ = ("allow_trace", "body_timeout", "good_hosts", "max_body", "max_in_flight", "request_buffer")
 
     def __init__(
         self,
@@ -44,14 +47,18 @@ class FrontDoor:
         self.max_body = max_body
         self.max_in_flight = max_in_flight
         self.allow_trace = allow_trace
+        self.good_hosts: set[bytes] = set()  # `Host` values that passed the check (a few hundred kept)
 
     def refusal(self, scope: dict[str, Any], head: RequestHead) -> Answer | None:
         """The answer for a request lbapp will not forward, or None."""
         if head.host_count != 1:
             if head.host_count > 1 or scope.get("http_version") != "1.0":
                 return BAD_HOST
-        elif _HOST.fullmatch(head.host) is None:
-            return BAD_HOST
+        elif head.host not in self.good_hosts:
+            if _HOST.fullmatch(head.host) is None:
+                return BAD_HOST
+            if len(self.good_hosts) < HOSTS_KEPT:
+                self.good_hosts.add(head.host)
         if scope["method"] == "TRACE" and not self.allow_trace:
             return TRACE_NOT_ALLOWED
         if self.max_body and head.content_length is not None and head.content_length > self.max_body:

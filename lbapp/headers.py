@@ -39,7 +39,13 @@ REQUEST_DROP = HOP_BY_HOP | {b"expect"}
 NO_BODY_STATUS = frozenset({*range(100, 200), 204, 304})
 
 
+# `Connection` values that name no other header: nothing more to drop (the common case).
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
+    if value in PLAIN_CONNECTION:
+        return set()
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -130,3 +131,21 @@ def test_bodies_of_any_size_follow_their_head(size: int) -> None:
         data = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, received = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK") and received == body
+
+
+def test_keep_alive_timeout_counts_from_the_last_response() -> None:
+    """The lazy keep-alive timer: a connection used again before its timeout stays open past the
+    first deadline, and closes once idle for the timeout."""
+    server = ThreadedServer(small, http=CoalescingProtocol, timeout_keep_alive=1.0)
+    with server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        for _ in range(3):  # 3 requests 0.4 s apart: 0.8 s after the first response
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while len(data) < len(answer):
+                chunk = sock.recv(65536)
+                assert chunk, "closed while in use"
+                data += chunk
+            assert data == answer
+            time.sleep(0.4)  # idle on purpose: less than the timeout
+        assert sock.recv(65536) == b""  # then idle past the timeout: closed by the server
