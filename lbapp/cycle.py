@@ -123,12 +123,13 @@ class ResponseCycle(RequestResponseCycle):
         lines = len(headers)
         valid = self.valid_names
         for name, value in headers:
-            name = name.lower()
-            if name not in valid:
-                if not name or _BAD_NAME.search(name):
-                    raise RuntimeError("Invalid HTTP header name.")
-                if len(valid) < NAMES_KEPT:
-                    valid.add(name)
+            if name not in valid:  # remembered names are lower-case and valid: most are
+                name = name.lower()
+                if name not in valid:
+                    if not name or _BAD_NAME.search(name):
+                        raise RuntimeError("Invalid HTTP header name.")
+                    if len(valid) < NAMES_KEPT:
+                        valid.add(name)
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())
                 self.chunked_encoding = False

@@ -149,7 +149,7 @@ class Proxy:
         if head.chunked:
             head.headers.append((b"transfer-encoding", b"chunked"))
         path: bytes = scope.get("raw_path") or scope["path"].encode()
-        routed = normalize(path)
+        routed = path if b"." not in path and b"%2" not in path else normalize(path)
         if routed is None:
             return BAD_PATH
         cluster = self.clusters.route(routed)
