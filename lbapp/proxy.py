@@ -38,13 +38,11 @@ from .policy import RequestInfo
 from .requestid import HEADER as REQUEST_ID
 from .retry import (
     DENIED,
-    IDEMPOTENT,
     RETRY,
     Attempts,
     RetryBudget,
     RetryPolicy,
     error_status,
-    has_idempotency_key,
 )
 from .streaming import ClientBody, ClientError, Exchange
 from .upstream import Reply, Upstream, response_headers
@@ -104,11 +102,7 @@ class Proxy:
         stats = self.stats
         stats.begin()
         tap = Tap(scope, receive, send)  # request id, byte counts, time to headers
-        loop, deadlines = self.loop, self.deadlines
-        if loop is None or deadlines is None:
-            loop = asyncio.get_running_loop()
-            deadlines = Deadlines(loop)
-        exchange = Exchange(loop, deadlines)
+        exchange = Exchange(self.loop, self.deadlines)
         status = 0
         attempts: Attempts | None = None
         try:
@@ -157,8 +151,7 @@ class Proxy:
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         method: str = scope["method"]
-        key = method not in IDEMPOTENT and has_idempotency_key(head.headers)
-        safe = RetryPolicy.safe_to_repeat(method, head.has_body, key)
+        safe = RetryPolicy.request_is_safe(method, head.has_body, head.headers)
         info = RequestInfo(scope, client_ip, trust)
         return Prepared(cluster, head, target, info, safe)
 

@@ -51,6 +51,12 @@ class RetryPolicy:
         """May the request be sent again after a backend received it?"""
         return (method in IDEMPOTENT and not has_body) or idempotency_key
 
+    @staticmethod
+    def request_is_safe(method: str, has_body: bool, headers: list[tuple[bytes, bytes]]) -> bool:
+        """`safe_to_repeat` for a request's method, framing and headers (its Idempotency-Key)."""
+        key = method not in IDEMPOTENT and has_idempotency_key(headers)
+        return RetryPolicy.safe_to_repeat(method, has_body, key)
+
     def retryable(self, error: Exception, attempts: int, body: ClientBody | None, safe: bool) -> bool:
         """After `attempts` attempts, the last failing with `error`: may another be made?"""
         if attempts > self.max_retries:

@@ -137,9 +137,12 @@ class Exchange:
 
     __slots__ = ("client_gone", "deadlines", "done", "loop", "receive", "task", "watcher")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
-        # The loop is passed in: on Python 3.11 `get_running_loop()` (and `current_task()` without
-        # a loop) costs a getpid() system call each time.
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, deadlines: Deadlines | None) -> None:
+        # The loop is passed in (the proxy's, set by the lifespan): on Python 3.11
+        # `get_running_loop()` (and `current_task()` without a loop) costs a getpid() system call.
+        if loop is None or deadlines is None:  # no lifespan ran: this exchange's own
+            loop = asyncio.get_running_loop()
+            deadlines = Deadlines(loop)
         self.loop = loop
         self.deadlines = deadlines
         self.client_gone = False

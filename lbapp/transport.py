@@ -27,6 +27,7 @@ from .connection import DISCONNECTED, Connection, transport_error
 from .connection_pool import LeanResponse, OriginPool, ResponseBody
 from .deadlines import Deadlines
 from .rawheaders import adopt
+from .request_body import send_body
 
 __all__ = ["LeanResponse", "LeanTransport", "replayable"]
 
@@ -166,7 +167,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if not has_body or stream is None:
             conn.write(head)
         else:
-            await self._send_body(conn, request, stream, head, chunked, timeouts["write"])
+            await send_body(conn, request, stream, head, chunked, timeouts["write"])
         while not conn.headers_done:
             conn.raise_error(request)
             if conn.closed:
@@ -185,68 +186,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
             body = ResponseBody(pool, conn, conn.chunks, request, timeouts["read"])
         version = b"HTTP/1.1" if conn.version == "1.1" else b"HTTP/" + conn.version.encode()
         return LeanResponse(conn.status, conn.headers, body, version, conn.reason)
-
-    async def _send_body(
-        self,
-        conn: Connection,
-        request: httpx.Request | None,
-        stream: AsyncIterable[bytes],
-        head: bytes,
-        chunked: bool,
-        seconds: float | None,
-    ) -> None:
-        if isinstance(stream, httpx.ByteStream):  # in-memory: coalesce into one write
-            parts = [head]
-            async for chunk in stream:
-                if chunk:
-                    parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if chunked:
-                parts.append(b"0\r\n\r\n")
-            conn.write(b"".join(parts))
-            await self._drain(conn, request, seconds)
-        else:
-            await self._send_stream(conn, request, stream, head, chunked, seconds)
-        if conn.closed and not conn.received:
-            raise transport_error(
-                httpx.WriteError, "Connection lost while sending the request.", request, True
-            )
-
-    async def _send_stream(
-        self,
-        conn: Connection,
-        request: httpx.Request | None,
-        stream: AsyncIterable[bytes],
-        head: bytes,
-        chunked: bool,
-        seconds: float | None,
-    ) -> None:
-        """Stream the upload chunk by chunk, waiting for the socket to drain between chunks."""
-        conn.write(head)
-        async for chunk in stream:
-            if not chunk:
-                continue
-            if conn.closed:
-                break
-            if chunked:
-                conn.write(b"%x\r\n" % len(chunk))
-                conn.write(chunk)
-                conn.write(b"\r\n")
-            else:
-                conn.write(chunk)
-            await self._drain(conn, request, seconds)
-        if chunked and not conn.closed:
-            conn.write(b"0\r\n\r\n")
-
-    @staticmethod
-    async def _drain(conn: Connection, request: httpx.Request | None, seconds: float | None) -> None:
-        """Write back-pressure: wait while the transport's buffer is above its high-water mark."""
-        while conn.write_paused and not conn.closed:
-            try:
-                await conn.wait(seconds)
-            except TimeoutError:
-                raise transport_error(
-                    httpx.WriteTimeout, "Timed out sending the request body.", request, True
-                ) from None
 
     @staticmethod
     def _encode_head(
