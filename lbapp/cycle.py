@@ -10,8 +10,10 @@ uvicorn's two regular expressions per header (names checked once and remembered,
 pass over the block), accepting exactly what uvicorn accepts.
 
 `CoalescingProtocol` is uvicorn's `HttpToolsProtocol` starting its cycles as `ResponseCycle`
-(`on_headers_complete` is uvicorn 0.55's, with only the class replaced). Everything else (flow
-control, keep-alive, pipelining, the 500 of a failing app) is uvicorn's.
+(`on_headers_complete` is uvicorn 0.55's, with only the class replaced). Request bodies are kept
+as the pieces the parser gave (uvicorn copies each twice), the keep-alive timeout is one lazy timer
+per connection, and the cycle's event is bound to its loop. Flow control, pipelining and the 500
+of a failing app are uvicorn's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import urllib.parse
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
@@ -36,8 +38,22 @@ IDLE_SLACK = 0.005  # a timer this close to its deadline counts as on time (loop
 COPY_LIMIT = 64 * 1024
 
 
+class LoopEvent(asyncio.Event):
+    """An `asyncio.Event` bound to its loop when made: Python 3.11's looks the running loop up
+    (a getpid() system call) at every `wait`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.bound_loop = loop
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.bound_loop
+
+
 class ResponseCycle(RequestResponseCycle):
-    """uvicorn's cycle, holding the response head until the first body part (module docstring)."""
+    """uvicorn's cycle, holding the response head until the first body part (module docstring),
+    and keeping the request body's pieces as they came (uvicorn copies each into a bytearray,
+    then copies that again for `receive`)."""
 
     held: bytes | None = None
     valid_names: ClassVar[set[bytes]] = set()  # header names that passed uvicorn's rule
@@ -45,6 +61,24 @@ class ResponseCycle(RequestResponseCycle):
     def __init__(self, loop: asyncio.AbstractEventLoop, **options: Any) -> None:
         super().__init__(**options)
         self.loop = loop
+        self.parts: list[bytes] = []  # body pieces not yet received by the app
+        self.buffered = 0
+
+    async def receive(self) -> Any:
+        # uvicorn 0.55's, with the body's pieces handed over as they are (joined only if several).
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            await self.message_event.wait()
+            self.message_event.clear()
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        parts = self.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.parts, self.buffered = [], 0
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -194,6 +228,18 @@ class CoalescingProtocol(HttpToolsProtocol):
             return
         self.timeout_keep_alive_handler()
 
+    def on_body(self, body: bytes) -> None:
+        # uvicorn 0.55's, keeping the piece instead of copying it into a bytearray.
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        assert isinstance(cycle, ResponseCycle)
+        cycle.parts.append(body)
+        cycle.buffered += len(body)
+        if cycle.buffered > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.timeout_keep_alive_task is not None:
@@ -234,7 +280,7 @@ class CoalescingProtocol(HttpToolsProtocol):
             access_logger=self.access_logger,
             access_log=self.access_log,
             default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            message_event=LoopEvent(self.loop),
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
             on_response=self.on_response_complete,

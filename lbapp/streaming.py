@@ -46,8 +46,8 @@ class BodyTooLarge(ClientError):
 class ClientBody(httpx.AsyncByteStream):
     """The client's request body, read from ASGI `receive` as the upstream asks for it."""
 
-    __slots__ = ("complete", "exchange", "kept", "kept_bytes", "limit", "prefix", "read", "receive",
-                 "started", "timeout")  # fmt: skip
+    __slots__ = ("complete", "exchange", "expired", "kept", "kept_bytes", "limit", "prefix", "read",
+                 "receive", "started", "timeout")  # fmt: skip
 
     def __init__(
         self,
@@ -62,12 +62,20 @@ class ClientBody(httpx.AsyncByteStream):
         self.timeout = timeout
         self.limit = limit  # 0: no limit
         self.started = False  # an upstream attempt began reading it
+        self.expired = False  # the body timeout passed while waiting for a piece
         self.complete = False
         self.read = 0
         self.prefix: list[bytes] = []  # read by `buffer` before any backend was chosen
         # With `keep` (Idempotency-Key), the chunks are kept while they stream, for a replay.
         self.kept: list[bytes] | None = [] if keep else None
         self.kept_bytes = 0
+
+    def _expire(self) -> None:
+        """The client sent nothing for `timeout`: stop waiting (the request task is cancelled)."""
+        task = self.exchange.task
+        if task is not None and not task.done():
+            self.expired = True
+            task.cancel()
 
     @property
     def replayable(self) -> bool:
@@ -103,11 +111,29 @@ class ClientBody(httpx.AsyncByteStream):
 
     async def _next(self) -> bytes:
         """The next piece of the body (maybe empty); bounded in time and in total size."""
-        try:
-            async with asyncio.timeout(self.timeout):
+        task = self.exchange.task
+        if self.timeout is None:
+            message = await self.receive()
+        elif task is None or task is not asyncio.current_task(self.exchange.loop):
+            try:  # read outside the request's own task: a timeout of its own
+                async with asyncio.timeout(self.timeout):
+                    message = await self.receive()
+            except TimeoutError:
+                raise BodyTimeout() from None
+        else:
+            # `asyncio.timeout` would cost a timer handle (and a getpid()) per piece: a shared
+            # deadline instead, which cancels the task when it passes.
+            deadlines, timeout = self.exchange.deadlines, self.timeout
+            deadlines.add(timeout, self, ClientBody._expire)
+            try:
                 message = await self.receive()
-        except TimeoutError:
-            raise BodyTimeout() from None
+            except asyncio.CancelledError:
+                if self.expired:
+                    task.uncancel()
+                    raise BodyTimeout() from None
+                raise
+            finally:
+                deadlines.discard(timeout, self)
         if message["type"] == "http.disconnect":
             self.exchange.client_gone = True
             raise ClientDisconnected()
