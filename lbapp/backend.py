@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .transport import origin_key
+
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 EJECTED = "ejected"
@@ -70,8 +72,7 @@ class Backend:
         self.route = route  # the prefix of the cluster this backend serves ("/": the default pool)
         # Parsed once: the proxy joins `base_path` and the client's raw target per request.
         self.origin = httpx.URL(f"{parts.scheme}://{parts.netloc}/")
-        default_port = 443 if self.origin.scheme == "https" else 80
-        self.origin_key = (self.origin.scheme, self.origin.host, self.origin.port or default_port)
+        self.origin_key = origin_key(self.origin)
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.host_header = parts.netloc.encode("ascii")
         self.state = HEALTHY

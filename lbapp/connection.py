@@ -52,9 +52,9 @@ class ProtocolViolation(Exception):
 class Connection(asyncio.Protocol):
     """One TCP connection; the protocol callbacks fill per-response state that the awaiting side reads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
         self.loop = loop
-        self.deadlines = deadlines  # the transport's shared timer for `wait` (None: a timer each)
+        self.deadlines = deadlines  # the transport's shared timer for `wait`
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.closed = False  # socket gone (EOF, error or closed by us)
@@ -245,22 +245,14 @@ class Connection(asyncio.Protocol):
     async def wait(self, seconds: float | None) -> None:
         """Sleep until a protocol callback wakes us; raise TimeoutError after ``seconds``."""
         fut = self.waiter = self.loop.create_future()
-        deadlines = self.deadlines
-        if seconds is None:
-            handle = None
-        elif deadlines is not None:
-            deadlines.add(seconds, fut, expire)
-            handle = None
-        else:
-            handle = self.loop.call_later(seconds, expire, fut)
+        if seconds is not None:
+            self.deadlines.add(seconds, fut, expire)
         try:
             await fut
         finally:
             self.waiter = None
-            if handle is not None:
-                handle.cancel()
-            elif deadlines is not None and seconds is not None:
-                deadlines.discard(seconds, fut)
+            if seconds is not None:
+                self.deadlines.discard(seconds, fut)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None

@@ -16,21 +16,6 @@ import time
 from collections import deque
 from typing import Any
 
-ACCESS_FIELDS = (
-    "request_id",
-    "client",
-    "method",
-    "path",
-    "status",
-    "backend",
-    "attempts",
-    "upstream_ms",
-    "total_ms",
-    "bytes_in",
-    "bytes_out",
-    "rate_limit",
-)
-
 
 @functools.lru_cache(maxsize=4)
 def utc_second(second: int) -> str:
@@ -50,6 +35,31 @@ def utc_millisecond(ms: int) -> str:
     return f"{utc_second(second)}.{rest:03d}Z"
 
 
+def access_line(
+    created: float,
+    client: str | None,
+    method: str,
+    path: str,
+    status: int,
+    backend: str | None,
+    attempts: int,
+    upstream_ms: float | None,
+    total_ms: float,
+    got: int,
+    sent: int,
+    request_id: str,
+    rate_limit: str | None,
+) -> str:
+    """The text format's access line, read like nginx's, with key=value extras."""
+    upstream = f"{upstream_ms:.1f}ms" if upstream_ms is not None else "-"
+    line = (
+        f'{rfc3339(created)} {client or "-"} "{method} {path}" {status} backend={backend or "-"}'
+        f" attempts={attempts} upstream={upstream} total={total_ms:.1f}ms in={got} out={sent}"
+        f" id={request_id}"
+    )
+    return f"{line} ratelimit={rate_limit}" if rate_limit else line
+
+
 class TextFormatter(logging.Formatter):
     """`time level logger: message`; an access line reads like nginx's, with key=value extras."""
 
@@ -64,13 +74,11 @@ class TextFormatter(logging.Formatter):
                 record.exc_text = self.formatException(record.exc_info)
             return f"{line}\n{record.exc_text}" if record.exc_text else line
         a = access
-        upstream = f"{a['upstream_ms']:.1f}ms" if a["upstream_ms"] is not None else "-"
-        line = (
-            f'{rfc3339(record.created)} {a["client"] or "-"} "{a["method"]} {a["path"]}" {a["status"]}'
-            f" backend={a['backend'] or '-'} attempts={a['attempts']} upstream={upstream}"
-            f" total={a['total_ms']:.1f}ms in={a['bytes_in']} out={a['bytes_out']} id={a['request_id']}"
-            + (f" ratelimit={a['rate_limit']}" if a.get("rate_limit") else "")
-        )
+        line = access_line(
+            record.created, a["client"], a["method"], a["path"], a["status"], a["backend"],
+            a["attempts"], a["upstream_ms"], a["total_ms"], a["bytes_in"], a["bytes_out"],
+            a["request_id"], a.get("rate_limit"),
+        )  # fmt: skip
         if "ws_close_code" in a:  # a WebSocket session, logged when it closed
             line += (
                 f" ws_close={a['ws_close_code']} ws_ended_by={a['ws_ended_by']}"
@@ -225,15 +233,21 @@ class RequestEntry:
     def text(self) -> str:
         """The text format's line (TextFormatter's), from the tuple."""
         rid, client, method, path, status, backend, attempts, upstream, total, got, sent, limit = self.values
-        if isinstance(path, bytes):
-            path = path.decode("latin-1")
-        head = f"{upstream * 1000:.1f}ms" if upstream is not None else "-"
-        line = (
-            f'{rfc3339(self.created)} {client or "-"} "{method} {path}" {status} backend={backend or "-"}'
-            f" attempts={attempts} upstream={head} total={total * 1000:.1f}ms in={got} out={sent}"
-            f" id={rid.decode('latin-1')}"
+        return access_line(
+            self.created,
+            client,
+            method,
+            path.decode("latin-1") if isinstance(path, bytes) else path,
+            status,
+            backend,
+            attempts,
+            upstream * 1000 if upstream is not None else None,
+            total * 1000,
+            got,
+            sent,
+            rid.decode("latin-1"),
+            limit,
         )
-        return f"{line} ratelimit={limit}" if limit else line
 
     def getMessage(self) -> str:
         return "access"

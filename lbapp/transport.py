@@ -29,10 +29,15 @@ from .deadlines import Deadlines
 from .rawheaders import adopt
 from .request_body import send_body
 
-__all__ = ["LeanResponse", "LeanTransport", "replayable"]
+__all__ = ["LeanResponse", "LeanTransport", "origin_key", "replayable"]
 
 _Key = tuple[str, str, int]
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def origin_key(url: httpx.URL) -> _Key:
+    """(scheme, host, port) of `url`, the port defaulted: what one `OriginPool` serves."""
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
 
 def replayable(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -76,7 +81,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         scheme = url.scheme
         if scheme != "http" and scheme != "https":
             raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {scheme!r}.", request=request)
-        key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
+        key = origin_key(url)
         timeouts = self._defaults
         ext = request.extensions.get("timeout")
         if ext:
