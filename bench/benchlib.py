@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,14 +206,9 @@ def core_jiffies() -> dict[str, list[int]]:
     return out
 
 
-def proc_jiffies(pgids: set[int]) -> tuple[dict[int, int], int, dict[int, tuple[str, int, int]]]:
-    """CPU jiffies (utime+stime+cutime+cstime) per process group in `pgids`, summed over
-    every other user-space process ("other"), and per other process (to name the noisy
-    ones). The children's fields keep the sums consistent when a process exits and is
-    reaped between two snapshots."""
-    acc = {p: 0 for p in pgids}
-    other = 0
-    per_pid: dict[int, tuple[str, int, int]] = {}  # pid -> (comm, jiffies, ppid)
+def proc_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, comm, the fields after comm) of every process in /proc/<pid>/stat; a process that
+    exits while being read is skipped."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -221,14 +217,25 @@ def proc_jiffies(pgids: set[int]) -> tuple[dict[int, int], int, dict[int, tuple[
                 data = f.read()
         except OSError:
             continue
-        rest = data[data.rfind(")") + 2 :].split()
+        yield int(name), data[data.find("(") + 1 : data.rfind(")")], data[data.rfind(")") + 2 :].split()
+
+
+def proc_jiffies(pgids: set[int]) -> tuple[dict[int, int], int, dict[int, tuple[str, int, int]]]:
+    """CPU jiffies (utime+stime+cutime+cstime) per process group in `pgids`, summed over
+    every other user-space process ("other"), and per other process (to name the noisy
+    ones). The children's fields keep the sums consistent when a process exits and is
+    reaped between two snapshots."""
+    acc = {p: 0 for p in pgids}
+    other = 0
+    per_pid: dict[int, tuple[str, int, int]] = {}  # pid -> (comm, jiffies, ppid)
+    for pid, comm, rest in proc_stats():
         pgrp, flags = int(rest[2]), int(rest[6])
         jiffies = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
         if pgrp in acc:
             acc[pgrp] += jiffies
         elif not flags & PF_KTHREAD:
             other += jiffies
-            per_pid[int(name)] = (data[data.find("(") + 1 : data.rfind(")")], jiffies, int(rest[1]))
+            per_pid[pid] = (comm, jiffies, int(rest[1]))
     return acc, other, per_pid
 
 
@@ -241,6 +248,20 @@ def snap(pgids: set[int]) -> dict[str, Any]:
         "other": other,
         "per_pid": per_pid,
     }
+
+
+def other_pct(b: dict[str, Any], e: dict[str, Any], wall: float) -> float:
+    """CPU% (100 = one core) of every process outside the benchmark between two snapshots."""
+    return 100.0 * (e["other"] - b["other"]) / CLK_TCK / wall
+
+
+def steal_pct(b: dict[str, Any], e: dict[str, Any]) -> float:
+    """vCPU time taken by the hypervisor between two snapshots, in % summed over the cores."""
+    return sum(
+        100.0 * (v[2] - b["cores"][c][2]) / max(1, v[1] - b["cores"][c][1])
+        for c, v in e["cores"].items()
+        if c in b["cores"]
+    )
 
 
 def group_pct(b: dict[str, Any], e: dict[str, Any], pgids: set[int]) -> float | None:
@@ -311,18 +332,7 @@ def parse_wrk(text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory, bytes, limits
 def group_pids(pgid: int) -> list[int]:
     """Every process whose process group is `pgid` (the LB and its workers)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if int(data[data.rfind(")") + 2 :].split()[2]) == pgid:
-            pids.append(int(name))
-    return pids
+    return [pid for pid, _, rest in proc_stats() if int(rest[2]) == pgid]
 
 
 def group_rss(pgid: int) -> int:

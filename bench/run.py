@@ -56,11 +56,13 @@ from benchlib import (
     http_get,
     http_request,
     log,
+    other_pct,
     parse_wrk,
     port_in_use,
     raise_nofile,
     snap,
     start_group,
+    steal_pct,
     stop_group,
     top_others,
 )
@@ -558,13 +560,12 @@ class Bench:
             rec["lb_cpu_pct"] = group_pct(b, e, {lb_pgid} if lb_pgid else set())
             rec["be_cpu_pct"] = group_pct(b, e, be_pgids)
             rec["wrk_cpu_pct"] = group_pct(b, e, {self.harness_pgid})  # wrk is reaped by us: our cutime
-            rec["other_cpu_pct"] = 100.0 * (e["other"] - b["other"]) / CLK_TCK / wall
-            steal, busy = 0.0, {}
+            rec["other_cpu_pct"] = other_pct(b, e, wall)
+            steal = steal_pct(b, e)
+            busy = {}
             for c, v1 in e["cores"].items():
                 v0 = b["cores"].get(c, v1)
-                dt = max(1, v1[1] - v0[1])
-                steal += 100.0 * (v1[2] - v0[2]) / dt
-                busy[c] = round(100.0 * (v1[0] - v0[0]) / dt, 1)
+                busy[c] = round(100.0 * (v1[0] - v0[0]) / max(1, v1[1] - v0[1]), 1)
             rec["steal_pct"], rec["core_busy_pct"] = steal, busy
             rec["other_top"] = top_others(b, e, wall)
             n = rec.get("requests") or 0
@@ -738,13 +739,7 @@ class Bench:
             time.sleep(1.0)
             e = snap(ours)
             wall = max(1e-6, e["t"] - b["t"])
-            other = 100.0 * (e["other"] - b["other"]) / CLK_TCK / wall
-            steal = sum(
-                100.0 * (v[2] - b["cores"][c][2]) / max(1, v[1] - b["cores"][c][1])
-                for c, v in e["cores"].items()
-                if c in b["cores"]
-            )
-            if other <= cfg.other_max and steal <= cfg.steal_max:
+            if other_pct(b, e, wall) <= cfg.other_max and steal_pct(b, e) <= cfg.steal_max:
                 return
         log(f"  still busy after QUIET_WAIT={cfg.quiet_wait} s: measuring anyway")
 
@@ -754,12 +749,8 @@ class Bench:
         time.sleep(0.5)
         e = snap(set())
         wall = max(1e-6, e["t"] - b["t"])
-        busy = 100.0 * (e["other"] - b["other"]) / CLK_TCK / wall
-        steal = sum(
-            100.0 * (v[2] - b["cores"][c][2]) / max(1, v[1] - b["cores"][c][1])
-            for c, v in e["cores"].items()
-            if c in b["cores"]
-        )
+        busy = other_pct(b, e, wall)
+        steal = steal_pct(b, e)
         if busy > cfg.other_max or steal > cfg.steal_max:
             top = top_others(b, e, wall)
             msg = (
