@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import pytest
@@ -341,3 +341,60 @@ def redis_server() -> Iterator[RedisServer]:
         yield server.start()
     finally:
         server.stop()
+
+
+T = TypeVar("T")
+
+
+class ClientLoad(Generic[T]):
+    """`workers` client threads against `url`, each sending with the step `worker_step(i)` made
+    for it (one `httpx.Client` each) until stopped; every step's outcome is kept, in `outcomes`.
+    Bounded in count (`max_requests`) and in time (`max_seconds`)."""
+
+    def __init__(
+        self,
+        url: str,
+        worker_step: Callable[[int], Callable[[httpx.Client], T]],
+        workers: int = 4,
+        max_requests: int = 3000,
+        max_seconds: float = 50,
+        timeout: float = 30,
+    ) -> None:
+        self.url = url
+        self.worker_step = worker_step
+        self.timeout = timeout
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.outcomes: list[T] = []
+        self.max_requests = max_requests
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(workers)]
+
+    def run(self, worker: int) -> None:
+        step = self.worker_step(worker)
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                if self.count() >= self.max_requests:
+                    return
+                outcome = step(client)
+                with self.lock:
+                    self.outcomes.append(outcome)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+    def more(self, n: int, timeout: float = 30) -> None:
+        """Wait until `n` more exchanges are over."""
+        target = self.count() + n
+        wait_until(lambda: self.count() >= target, timeout=timeout)
+
+    def __enter__(self) -> ClientLoad[T]:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)

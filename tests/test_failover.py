@@ -7,10 +7,10 @@ send GETs and POSTs with unique X-Request-IDs.
 
 from __future__ import annotations
 
-import threading
-import time
+import itertools
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,59 +18,34 @@ import httpx
 
 from lbapp.backend import HEALTHY, UNHEALTHY
 
-from .conftest import EchoBackend, run_lb, wait_until
+from .conftest import ClientLoad, EchoBackend, run_lb, wait_until
 
 INTERVAL = 0.2
 RISE = FALL = 2
 JITTER = 0.1
 
 
-class Load:
-    """`workers` threads sending requests until stopped; bounded in count and in time."""
+Result = tuple[str, str, int]  # (method, request id, status; -1: no answer)
 
-    def __init__(self, url: str, workers: int = 4, max_requests: int = 4000, max_seconds: float = 30) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.results: list[tuple[str, str, int]] = []  # (method, request id, status)
-        self.max_requests = max_requests
-        self.deadline = time.monotonic() + max_seconds
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(workers)]
 
-    def run(self, worker: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            n = 0
-            while not self.stop.is_set() and time.monotonic() < self.deadline:
-                with self.lock:
-                    if len(self.results) >= self.max_requests:
-                        return
-                method = "POST" if n % 2 else "GET"
-                n += 1
-                request_id = uuid.uuid4().hex
-                headers = {"x-request-id": request_id}
-                try:
-                    if method == "POST":
-                        status = client.post("/order", content=b"one order", headers=headers).status_code
-                    else:
-                        status = client.get("/item", headers=headers).status_code
-                except httpx.HTTPError:
-                    status = -1
-                with self.lock:
-                    self.results.append((method, request_id, status))
+def alternating(worker: int) -> Callable[[httpx.Client], Result]:
+    """A client's step: GET and POST in turn, each with a unique X-Request-ID."""
+    sent = itertools.count()
 
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
+    def step(client: httpx.Client) -> Result:
+        method = "POST" if next(sent) % 2 else "GET"
+        request_id = uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
+        try:
+            if method == "POST":
+                status = client.post("/order", content=b"one order", headers=headers).status_code
+            else:
+                status = client.get("/item", headers=headers).status_code
+        except httpx.HTTPError:
+            status = -1
+        return method, request_id, status
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=15)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.results)
+    return step
 
 
 def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_path: Path) -> None:
@@ -90,7 +65,7 @@ def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_p
         retry_budget_min=4,
     ) as server:
         state = server.app.state.clusters.default.pool.backends[1]
-        with Load(server.url) as load:
+        with ClientLoad(server.url, alternating, max_requests=4000, max_seconds=30, timeout=10) as load:
             wait_until(lambda: load.count() >= 100, timeout=15)
             failed_before = state.checks_failed
             victim.kill()
@@ -105,7 +80,7 @@ def test_killed_backend_costs_no_get_and_no_double_post(echo_factory: Any, tmp_p
             passed_checks = state.checks_passed - passed_before
             back = load.count()
             wait_until(lambda: load.count() >= back + 100, timeout=15)
-        results = list(load.results)
+        results = list(load.outcomes)
 
     # Down after `fall` failed checks and up after `rise` passed ones (the deadlines above are only
     # there so that a broken health loop fails the test instead of hanging it).

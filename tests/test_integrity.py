@@ -11,10 +11,9 @@ SIGKILL) reconcile with what the client saw.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
-import threading
-import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import httpx
 from lbapp.backend import HEALTHY, UNHEALTHY
 from lbapp.echo import random_bytes
 
-from .conftest import EchoBackend, run_lb, wait_until
+from .conftest import ClientLoad, EchoBackend, run_lb, wait_until
 
 MIB = 1 << 20
 SOURCE = random.Random(16).randbytes(4 * MIB)  # request bodies are slices of this, at random offsets
@@ -82,45 +81,11 @@ def exchange(client: httpx.Client, rng: random.Random) -> Outcome:
     return Outcome(method, request_id, status, backend, status == 200 and intact)
 
 
-class Load:
-    """`workers` client threads; bounded in count and in time."""
-
-    def __init__(self, url: str, workers: int = 4, max_requests: int = 3000, max_seconds: float = 50) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.outcomes: list[Outcome] = []
-        self.max_requests = max_requests
-        self.deadline = time.monotonic() + max_seconds
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(workers)]
-
-    def run(self, worker: int) -> None:
-        rng = random.Random(worker)
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self.stop.is_set() and time.monotonic() < self.deadline:
-                if self.count() >= self.max_requests:
-                    return
-                outcome = exchange(client, rng)
-                with self.lock:
-                    self.outcomes.append(outcome)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.outcomes)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def more(self, n: int, timeout: float = 30) -> None:
-        target = self.count() + n
-        wait_until(lambda: self.count() >= target, timeout=timeout)
+def load(url: str) -> ClientLoad[Outcome]:
+    """4 clients, each with its own seeded mix of exchanges; bounded in count and in time."""
+    return ClientLoad(
+        url, lambda worker: functools.partial(exchange, rng=random.Random(worker)), max_requests=3000
+    )
 
 
 def logged(log: Path) -> list[tuple[str, str]]:
@@ -141,21 +106,21 @@ def test_every_exchange_is_intact_or_an_explicit_failure(echo_factory: Any, tmp_
     }
     with run_lb([b.url for b in backends], **settings) as server:
         state = server.app.state.clusters.default.pool.backends[1]
-        with Load(server.url) as load:
-            load.more(60)
+        with load(server.url) as running:
+            running.more(60)
             for _ in range(2):  # killed and restarted twice, under load, with exchanges in flight
                 wait_until(lambda: state.in_flight > 0, timeout=15, interval=0.001)
                 victim.kill()
                 wait_until(lambda: state.state == UNHEALTHY, timeout=15)
-                load.more(40)
+                running.more(40)
                 served = len(logs["b2"].read_text().splitlines())
                 victim.start()
                 wait_until(lambda: state.state == HEALTHY, timeout=15)
-                load.more(60)
+                running.more(60)
                 assert len(logs["b2"].read_text().splitlines()) > served  # it takes traffic again
-        outcomes = list(load.outcomes)
+        outcomes = list(running.outcomes)
 
-    assert load.count() >= 260
+    assert running.count() >= 260
     methods = Counter(o.method for o in outcomes)
     assert min(methods.values()) >= 40, methods
     # Every exchange: a byte-exact 200, lbapp's explicit 502/503/504, or an aborted connection.
